@@ -1,0 +1,432 @@
+"""Empirical robustness: white-box attacks from torchattacks 3.3.0, the smoothed classifier under the same
+adversarial inputs, and the sanity checks that catch a broken evaluation or gradient masking.
+
+Attacks (images in [0, 1]):
+
+* ``fgsm`` (L∞, one step), ``pgd`` (L∞, Madry et al.), ``pgd-l2``: ε-bounded. PGD's step size scales with ε,
+  α = 2.5·ε/steps (Madry et al.), with a random start, so a large ε is not under-attacked.
+* ``autoattack`` (L∞) / ``autoattack-l2``: torchattacks' AutoAttack "standard" ensemble (APGD-CE, APGD-T,
+  FAB-T, Square with 5,000 queries; each runs only on the points still robust, so the result is the worst
+  case per point) with ``n_classes`` set from the model. The targeted DLR loss of APGD-T needs ≥ 4 classes; with
+  fewer, APGD-T is left out (as the original AutoAttack warns) and the row says so.
+* ``cw`` (Carlini–Wagner L2, fixed c, no binary search) and ``deepfool`` (L2): minimum-norm attacks. They run
+  once; at a given ε an image counts as broken only if the attack fooled the model with a perturbation of L2
+  norm ≤ ε (the row has ``minimum_norm: true``).
+
+Robust accuracy counts an image as robust only if it was classified correctly *and* still is after the
+attack; the attack success rate is taken among the initially correct images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from audit.smoothing import Smooth, _device_of, infer_num_classes
+from fedvision.errors import ConfigError, DataError
+
+ATTACK_NORMS = {"fgsm": "Linf", "pgd": "Linf", "pgd-l2": "L2", "cw": "L2", "deepfool": "L2",
+                "autoattack": "Linf", "autoattack-l2": "L2"}
+MINIMUM_NORM_ATTACKS = {"cw", "deepfool"}
+# Cheap enough for the 90-second CPU goal (benchmarks/audit_time.py); add "cw" and "autoattack" for a full run.
+DEFAULT_ATTACKS = ("fgsm", "pgd", "pgd-l2", "deepfool")
+# Include the standard points (RobustBench: L∞ 8/255, L2 0.5) and ε = 0 for the clean-accuracy check.
+DEFAULT_EPS = {"Linf": (0.0, 2 / 255, 8 / 255), "L2": (0.0, 0.25, 0.5)}
+_NORM_ALIASES = {"linf": "Linf", "l_inf": "Linf", "inf": "Linf", "l∞": "Linf", "l2": "L2", "l_2": "L2"}
+
+
+def run_attack_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     attacks: Sequence[str] = DEFAULT_ATTACKS,
+                     eps: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+                     num_classes: int | None = None, *, steps: int = 10, restarts: int = 1,
+                     steps_check: bool = True, cw_c: float = 1.0, cw_steps: int = 50, cw_lr: float = 0.01,
+                     deepfool_steps: int = 50, deepfool_overshoot: float = 0.02, batch_size: int = 128,
+                     smooth: Smooth | None = None, smooth_n: int = 100, smooth_alpha: float = 0.001,
+                     smooth_batch_size: int = 1000, smooth_limit: int | None = None, seed: int = 0,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """Attack ``model`` on ``images`` (N×C×H×W in [0, 1]) and return one row per (attack, ε).
+
+    ``eps``: a list applied to every attack (in each attack's own norm), or a dict norm → list
+    (``{"Linf": [...], "L2": [...]}``); None uses ``DEFAULT_EPS``. Every row has ``name`` (as given),
+    ``norm``, ``eps``, ``clean_accuracy``, ``robust_accuracy``, ``attack_success_rate`` (among initially
+    correct images), ``n``, the attack's parameters (``steps``, step size ``alpha``, ``restarts``, ...),
+    ``max_perturbation`` (largest perturbation actually used, in the attack's norm) and ``purpose``.
+
+    ``steps_check`` adds one PGD row (PGD-L2 if PGD is not run) with half the steps (twice if ``steps`` is 1)
+    at the ε where the normal run is most informative (robust accuracy nearest half the clean accuracy), for
+    the "more steps are not weaker" check. (At ε = 0 PGD takes one step: its step size there is 0.)
+
+    With ``smooth`` (a ``Smooth`` around the same model), each row also reports the smoothed classifier's
+    PREDICT (``smooth_n`` samples, ``smooth_alpha``) on the same adversarial inputs for the first
+    ``smooth_limit`` images: ``smoothed_*`` fields next to the base model's numbers on those images. The attacks
+    target the base model (they are not adaptive to the smoothing), so these are transfer numbers.
+    """
+    attacks = _check_attacks(attacks)
+    eps_by_attack = resolve_eps(eps, attacks)
+    images, labels = _check_inputs(images, labels)
+    for name, value in (("steps", steps), ("restarts", restarts), ("cw_steps", cw_steps),
+                        ("deepfool_steps", deepfool_steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
+    device = _device_of(model)
+    if num_classes is None:
+        num_classes = infer_num_classes(model, images[0])
+    suite = _Suite(model, images.to(device), labels.to(device), num_classes, batch_size, seed, smooth,
+                   dict(n=smooth_n, alpha=smooth_alpha, batch_size=smooth_batch_size), smooth_limit)
+    settings = dict(steps=steps, restarts=restarts, cw=(cw_c, cw_steps, cw_lr),
+                    deepfool=(deepfool_steps, deepfool_overshoot))
+
+    from tqdm.auto import tqdm
+
+    check = next((a for a in ("pgd", "pgd-l2") if a in attacks and any(eps_by_attack[a])), None) \
+        if steps_check else None
+    check_steps = steps // 2 if steps >= 2 else 2
+    total = sum(1 if a in MINIMUM_NORM_ATTACKS else len(eps_by_attack[a]) for a in attacks) + (check is not None)
+    bar = tqdm(total=total, desc="attacks", unit="run", disable=not progress, leave=False)
+    was_training = model.training
+    model.eval()
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in attacks:
+            if name in MINIMUM_NORM_ATTACKS:
+                bar.set_postfix_str(name)
+                rows += suite.minimum_norm(name, eps_by_attack[name], settings)
+                bar.update(1)
+                continue
+            own = []
+            for e in eps_by_attack[name]:
+                bar.set_postfix_str(f"{name} ε={e:.4g}")
+                own.append(suite.bounded(name, e, settings))
+                bar.update(1)
+            rows += own
+            if name == check:
+                e = _most_informative_eps(own)
+                bar.set_postfix_str(f"{name} ε={e:.4g} {check_steps} steps")
+                rows.append(suite.bounded(name, e, dict(settings, steps=check_steps),
+                                          purpose=f"sanity check: {check_steps} steps"))
+                bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return rows
+
+
+def resolve_eps(eps: Sequence[float] | Mapping[str, Sequence[float]] | None,
+                attacks: Iterable[str]) -> dict[str, list[float]]:
+    """ε list per attack: a list for all attacks, a dict norm → list, or None for the defaults."""
+    attacks = list(attacks)
+    if eps is None:
+        by_norm = {norm: list(values) for norm, values in DEFAULT_EPS.items()}
+    elif isinstance(eps, Mapping):
+        by_norm = {}
+        for key, values in eps.items():
+            norm = _NORM_ALIASES.get(str(key).strip().lower())
+            if norm is None:
+                raise ConfigError(f"eps: unknown norm {key!r} (use 'Linf' or 'L2')")
+            by_norm[norm] = values
+    else:
+        by_norm = {"Linf": eps, "L2": eps}
+    out = {}
+    for name in attacks:
+        norm = ATTACK_NORMS[name]
+        if norm not in by_norm:
+            raise ConfigError(f"eps: no {norm} values given, but attack '{name}' needs them")
+        out[name] = _check_eps_list(by_norm[norm], norm)
+    return out
+
+
+def _check_eps_list(values: Any, norm: str) -> list[float]:
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values]
+    try:
+        values = [float(v) for v in values if not isinstance(v, bool)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"eps: {norm} values must be numbers, got {values!r}") from None
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise ConfigError(f"eps: {norm} values must be finite numbers ≥ 0, got {values!r}")
+    if norm == "Linf" and max(values) > 1:
+        raise ConfigError(f"eps: L∞ ε must be ≤ 1 for images in [0, 1] (8/255 is standard), got {max(values)}")
+    return sorted(set(values))
+
+
+# --------------------------------------------------------------------------------------------------------
+# the suite
+# --------------------------------------------------------------------------------------------------------
+class _Suite:
+    """Shared state of one suite run: clean predictions, batching, seeding and the smoothed comparison."""
+
+    def __init__(self, model, images, labels, num_classes, batch_size, seed, smooth, smooth_args, smooth_limit):
+        self.model, self.images, self.labels = model, images, labels
+        self.num_classes, self.batch_size, self.seed = num_classes, batch_size, seed
+        self.clean_correct = self._predict(images) == labels
+        self.clean_accuracy = self.clean_correct.float().mean().item()
+        self.smooth, self.smooth_args = smooth, smooth_args
+        if smooth is not None:
+            k = len(images) if smooth_limit is None else max(1, min(int(smooth_limit), len(images)))
+            self.smooth_k = k
+            self.smooth_clean = torch.tensor([smooth.predict(images[i], **smooth_args) for i in range(k)],
+                                             device=labels.device)
+
+    # ---- ε-bounded attacks --------------------------------------------------------------------------
+    def bounded(self, name: str, eps: float, settings: dict, purpose: str = "evaluation") -> dict[str, Any]:
+        norm = ATTACK_NORMS[name]
+        if eps == 0 and name == "pgd":
+            settings = dict(settings, steps=1)  # a step of size 2.5·0/steps is a no-op: one shows it
+        attack, params = self._make(name, eps, settings)
+        t0 = time.perf_counter()
+        # At ε = 0 the only admissible input is x itself. FGSM and PGD still run there (their step size is
+        # 0, so any change is a bug the ε = 0 check catches); PGD-L2 would divide 0 by 0 in torchattacks, and
+        # AutoAttack's Square would spend its 5,000 queries on every image.
+        run = eps > 0 or name in ("fgsm", "pgd")
+        adv = self._attack(attack, params.get("restarts", 1)) if run else self.images.clone()
+        seconds = time.perf_counter() - t0
+        robust = self.clean_correct & (self._predict(adv) == self.labels)
+        row = self._row(name, norm, eps, robust, purpose, minimum_norm=False, attack_run=run, seconds=seconds,
+                        max_perturbation=_norms(adv - self.images, norm).max().item(), **params)
+        if purpose == "evaluation":
+            self._add_smoothed(row, adv, robust)
+        return row
+
+    def _make(self, name: str, eps: float, settings: dict):
+        import torchattacks as ta
+
+        steps = settings["steps"]
+        if name == "fgsm":
+            return ta.FGSM(self.model, eps=eps), {"steps": 1, "alpha": eps, "restarts": 1, "random_start": False}
+        if name in ("pgd", "pgd-l2"):
+            alpha = 2.5 * eps / steps
+            cls = ta.PGD if name == "pgd" else ta.PGDL2
+            return (cls(self.model, eps=eps, alpha=alpha, steps=steps, random_start=True),
+                    {"steps": steps, "alpha": alpha, "restarts": settings["restarts"], "random_start": True})
+        # AutoAttack "standard"; torchattacks runs APGD/APGD-T/FAB at their default 10 iterations.
+        norm = ATTACK_NORMS[name]
+        if self.num_classes >= 4:
+            attack = ta.AutoAttack(self.model, norm=norm, eps=eps, version="standard", n_classes=self.num_classes,
+                                   seed=self.seed)
+            components = ["apgd-ce", "apgd-t", "fab-t", "square"]
+        else:
+            attack = ta.MultiAttack([
+                ta.APGD(self.model, eps=eps, norm=norm, seed=self.seed, loss="ce", n_restarts=1),
+                ta.FAB(self.model, eps=eps, norm=norm, seed=self.seed, multi_targeted=True,
+                       n_classes=self.num_classes, n_restarts=1),
+                ta.Square(self.model, eps=eps, norm=norm, seed=self.seed, n_queries=5000, n_restarts=1),
+            ])
+            components = ["apgd-ce", "fab-t", "square"]
+        note = "" if self.num_classes >= 4 else \
+            f"APGD-T left out: its targeted DLR loss needs ≥ 4 classes, the model has {self.num_classes}"
+        return attack, {"version": "standard", "components": "+".join(components), "steps": 10,
+                        "n_queries": 5000, "restarts": 1, "n_classes": self.num_classes, "note": note}
+
+    # ---- minimum-norm attacks -----------------------------------------------------------------------
+    def minimum_norm(self, name: str, eps_list: list[float], settings: dict) -> list[dict[str, Any]]:
+        import torchattacks as ta
+
+        if name == "cw":
+            c, steps, lr = settings["cw"]
+            attack = ta.CW(self.model, c=c, kappa=0, steps=steps, lr=lr)
+            params = {"steps": steps, "c": c, "kappa": 0.0, "lr": lr}
+        else:
+            steps, overshoot = settings["deepfool"]
+            attack = ta.DeepFool(self.model, steps=steps, overshoot=overshoot)
+            params = {"steps": steps, "overshoot": overshoot}
+        t0 = time.perf_counter()
+        with _one_thread(name == "deepfool" and self.images.device.type == "cpu"):
+            adv = self._attack(attack, 1)
+        seconds = time.perf_counter() - t0
+        norms = _norms(adv - self.images, "L2")
+        fooled = self.clean_correct & (self._predict(adv) != self.labels)
+        found = fooled.float().sum().item() / max(self.clean_correct.sum().item(), 1)
+        median = norms[fooled].median().item() if fooled.any() else None
+        rows = []
+        for eps in eps_list:
+            within = fooled & (norms <= eps)
+            robust = self.clean_correct & ~within
+            row = self._row(name, "L2", eps, robust, "evaluation", minimum_norm=True, attack_run=True,
+                            seconds=seconds, max_perturbation=norms[within].max().item() if within.any() else 0.0,
+                            **params, found_adversarial_rate=found, median_adversarial_norm=median,
+                            note="minimum-norm attack run once: an image counts as broken at ε only if the "
+                                 "attack fooled the model with a perturbation of L2 norm ≤ ε")
+            # The adversarial input at ε: the attack's output where it is within ε, else the clean image.
+            self._add_smoothed(row, torch.where(within.view(-1, 1, 1, 1), adv, self.images), robust)
+            rows.append(row)
+        return rows
+
+    # ---- shared -------------------------------------------------------------------------------------
+    def _row(self, name, norm, eps, robust, purpose, **fields) -> dict[str, Any]:
+        correct = int(self.clean_correct.sum())
+        broken = int((self.clean_correct & ~robust).sum())
+        return {"name": name, "norm": norm, "eps": eps, "clean_accuracy": self.clean_accuracy,
+                "robust_accuracy": robust.float().mean().item(),
+                "attack_success_rate": broken / correct if correct else None,
+                "n": len(self.labels), "purpose": purpose, **fields}
+
+    def _attack(self, attack, restarts: int) -> torch.Tensor:
+        """Adversarial images, batch by batch, seeded; with restarts, the first run that fools each image."""
+        device = self.images.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            out = []
+            for i in range(0, len(self.images), self.batch_size):
+                x, y = self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+                best = attack(x, y)
+                for _ in range(restarts - 1):
+                    robust = self._predict(best) == y
+                    if not robust.any():
+                        break
+                    again = attack(x, y)
+                    best = torch.where(robust.view(-1, 1, 1, 1), again, best)
+                out.append(best.detach())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.model(x[i:i + self.batch_size]).argmax(1) for i in range(0, len(x), self.batch_size)])
+
+    def _add_smoothed(self, row: dict, adv: torch.Tensor, robust: torch.Tensor) -> None:
+        """The smoothed classifier's PREDICT on the same adversarial inputs, next to the base model's numbers."""
+        if self.smooth is None:
+            return
+        k, y, clean = self.smooth_k, self.labels[:self.smooth_k], self.smooth_clean
+        pred = clean.clone()
+        for i in range(k):
+            # Only images g got right can be broken; an unchanged input keeps g's clean prediction.
+            if clean[i] == y[i] and not torch.equal(adv[i], self.images[i]):
+                pred[i] = self.smooth.predict(adv[i], **self.smooth_args)
+        correct = clean == y
+        s_robust = correct & (pred == y)
+        base_correct, base_robust = self.clean_correct[:k], robust[:k]
+        n_correct, n_base = int(correct.sum()), int(base_correct.sum())
+        row.update({
+            "smoothed_n": k, "smoothed_sigma": self.smooth.sigma, "smoothed_samples": self.smooth_args["n"],
+            "smoothed_alpha": self.smooth_args["alpha"],
+            "smoothed_clean_accuracy": correct.float().mean().item(),
+            "smoothed_robust_accuracy": s_robust.float().mean().item(),
+            "smoothed_attack_success_rate": int((correct & ~s_robust).sum()) / n_correct if n_correct else None,
+            "smoothed_abstain_rate": int((correct & (pred == Smooth.ABSTAIN)).sum()) / n_correct if n_correct else None,
+            "base_robust_accuracy_same_images": base_robust.float().mean().item(),
+            "base_attack_success_rate_same_images":
+                int((base_correct & ~base_robust).sum()) / n_base if n_base else None,
+        })
+
+
+@contextlib.contextmanager
+def _one_thread(enabled: bool):
+    """torchattacks' DeepFool works one image at a time: on CPU, intra-op threads only add synchronisation
+    (20× slower with 2 threads on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _most_informative_eps(rows: list[dict]) -> float:
+    """Non-zero ε whose robust accuracy is nearest half the clean accuracy (smallest such ε on ties)."""
+    candidates = [r for r in rows if r["eps"] > 0]
+    return min(candidates, key=lambda r: (abs(r["robust_accuracy"] - r["clean_accuracy"] / 2), r["eps"]))["eps"]
+
+
+def _norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    flat = delta.flatten(1).float()
+    return flat.abs().amax(1) if norm == "Linf" else flat.norm(dim=1)
+
+
+def _check_attacks(attacks: Sequence[str]) -> list[str]:
+    if isinstance(attacks, str):
+        attacks = [attacks]
+    attacks = list(dict.fromkeys(str(a).strip().lower() for a in attacks))
+    unknown = [a for a in attacks if a not in ATTACK_NORMS]
+    if unknown or not attacks:
+        raise ConfigError(f"unknown attack {unknown[0] if unknown else '(none given)'!r}: "
+                          f"choose from {', '.join(ATTACK_NORMS)}")
+    return attacks
+
+
+def _check_inputs(images: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.as_tensor(images, dtype=torch.float32)
+    labels = torch.as_tensor(labels).long().flatten()
+    if images.dim() != 4 or len(images) != len(labels) or len(images) == 0:
+        raise DataError(f"attacks need images N×C×H×W and N labels, got {tuple(images.shape)} and {len(labels)}")
+    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+        raise DataError("attacks need images with values in [0, 1] (the models' input range)")
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------------------------
+# sanity checks
+# --------------------------------------------------------------------------------------------------------
+def sanity_checks(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.0) -> list[dict[str, Any]]:
+    """Checks every sound evaluation passes; a failure flags possible gradient masking or a broken evaluation.
+
+    * ``eps0_equals_clean``: robust accuracy at ε = 0 equals clean accuracy;
+    * ``monotone_in_eps``: robust accuracy never rises with ε (per attack and setting);
+    * ``pgd_not_weaker_than_fgsm``: PGD's robust accuracy ≤ FGSM's at the same ε;
+    * ``more_steps_not_weaker``: PGD with more steps ≤ PGD with fewer at the same ε.
+
+    ``tolerance`` (in accuracy) allows for sampling noise; 0 flags any violation.
+    Returns one ``{"check", "attack", "passed", "detail"}`` per check made.
+    """
+    out = []
+
+    def add(check, attack, bad, detail_ok, what):
+        out.append({"check": check, "attack": attack, "passed": not bad,
+                    "detail": detail_ok if not bad else "; ".join(bad) + f": {what}"})
+
+    evaluation = [r for r in rows if r.get("purpose", "evaluation") == "evaluation"]
+    groups: dict[str, list] = defaultdict(list)
+    for r in evaluation:
+        groups[r["name"]].append(r)
+    for name, group in groups.items():
+        group = sorted(group, key=lambda r: r["eps"])
+        zero = [r for r in group if r["eps"] == 0]
+        if zero:
+            r = zero[0]
+            bad = [] if abs(r["robust_accuracy"] - r["clean_accuracy"]) <= 1e-12 else \
+                [f"robust accuracy {r['robust_accuracy']:.4f} ≠ clean accuracy {r['clean_accuracy']:.4f} at ε = 0"]
+            add("eps0_equals_clean", name, bad, f"robust = clean = {r['clean_accuracy']:.4f} at ε = 0",
+                "the attack changes inputs it must not change, or clean and adversarial evaluation differ")
+        bad = [f"robust accuracy rises from {a['robust_accuracy']:.4f} at ε = {a['eps']:.4g} to "
+               f"{b['robust_accuracy']:.4f} at ε = {b['eps']:.4g}"
+               for a, b in zip(group, group[1:]) if b["robust_accuracy"] > a["robust_accuracy"] + tolerance]
+        if len(group) > 1:
+            add("monotone_in_eps", name, bad, f"non-increasing over ε = {_eps_list(group)}",
+                "possible gradient masking or a broken evaluation")
+
+    fgsm = {r["eps"]: r for r in groups.get("fgsm", [])}
+    common = [r for r in groups.get("pgd", []) if r["eps"] in fgsm and r["eps"] > 0]
+    if common:
+        bad = [f"PGD {r['robust_accuracy']:.4f} > FGSM {fgsm[r['eps']]['robust_accuracy']:.4f} at ε = {r['eps']:.4g}"
+               for r in common if r["robust_accuracy"] > fgsm[r["eps"]]["robust_accuracy"] + tolerance]
+        add("pgd_not_weaker_than_fgsm", "pgd", bad,
+            f"PGD ≤ FGSM at ε = {_eps_list(common)}",
+            "the iterative attack is weaker than one step: possible gradient masking")
+
+    by_setting: dict[tuple, dict[int, Mapping]] = defaultdict(dict)
+    for r in rows:
+        if r["name"] in ("pgd", "pgd-l2") and r["eps"] > 0:
+            by_setting[(r["name"], r["eps"])][r["steps"]] = r
+    for (name, eps), by_steps in sorted(by_setting.items()):
+        if len(by_steps) < 2:
+            continue
+        steps = sorted(by_steps)
+        bad = [f"{b} steps: {by_steps[b]['robust_accuracy']:.4f} > {a} steps: {by_steps[a]['robust_accuracy']:.4f} "
+               f"at ε = {eps:.4g}" for a, b in zip(steps, steps[1:])
+               if by_steps[b]["robust_accuracy"] > by_steps[a]["robust_accuracy"] + tolerance]
+        add("more_steps_not_weaker", name, bad,
+            " ≤ ".join(f"{by_steps[s]['robust_accuracy']:.4f} ({s} steps)" for s in reversed(steps))
+            + f" at ε = {eps:.4g}", "more steps find fewer adversarial examples: possible gradient masking")
+    return out
+
+
+def _eps_list(rows: Iterable[Mapping[str, Any]]) -> str:
+    return ", ".join(f"{r['eps']:.4g}" for r in rows)
