@@ -142,6 +142,39 @@ def resolve_eps(eps: Sequence[float] | Mapping[str, Sequence[float]] | None,
     return out
 
 
+def parse_eps(tokens: Sequence[str]) -> list[float] | dict[str, list[float]]:
+    """Read ``--eps`` values: numbers or fractions (``0 2/255 8/255``, also comma-separated) applied to every
+    attack, or per norm (``linf:0,2/255,8/255 l2:0,0.25,0.5``)."""
+    plain: list[float] = []
+    by_norm: dict[str, list[float]] = {}
+    for token in tokens:
+        key, sep, values = str(token).rpartition(":")
+        numbers = [_number(v) for v in values.split(",") if v.strip()]
+        if not numbers:
+            raise ConfigError(f"--eps: no values in {token!r}")
+        if sep:
+            norm = _NORM_ALIASES.get(key.strip().lower())
+            if norm is None:
+                raise ConfigError(f"--eps: unknown norm {key!r} in {token!r} (use linf: or l2:)")
+            by_norm.setdefault(norm, []).extend(numbers)
+        else:
+            plain.extend(numbers)
+    if plain and by_norm:
+        raise ConfigError("--eps: give either plain values for all attacks or per-norm lists (linf:..., l2:...)")
+    return by_norm or plain
+
+
+def _number(text: str) -> float:
+    text = text.strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"--eps: cannot read {text!r} as a number (write e.g. 8/255 or 0.5)") from None
+
+
 def _check_eps_list(values: Any, norm: str) -> list[float]:
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         values = [values]

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from fedvision.errors import ConfigError, ModelError
+from fedvision.errors import BudgetExceededError, ConfigError, ModelError
 
 # Opacus hooks the first layer too, whose input (the image) needs no gradient; torch warns about it on every
 # backward pass although the per-sample gradients are unaffected.
@@ -55,25 +55,24 @@ def epsilon_of(history: Sequence[HistoryEntry], delta: float) -> float:
 
 
 def noise_for_budget(epsilon_budget: float, delta: float, sample_rate: float, steps: int,
-                     history: Sequence[HistoryEntry] = (), tolerance: float = 0.005) -> float:
-    """Smallest noise multiplier σ (to ``tolerance``) such that ``history`` plus ``steps`` more steps at
-    ``sample_rate`` stay within ``epsilon_budget`` at ``delta``. Raises ConfigError if even huge noise cannot.
+                     max_noise_multiplier: float = 1e3, tolerance: float = 0.005) -> float:
+    """Smallest noise multiplier σ (to ``tolerance``) for which ``steps`` steps at ``sample_rate`` stay within
+    ``epsilon_budget`` at ``delta``. Raises BudgetExceededError if that needs more than ``max_noise_multiplier``.
     """
     validate_epsilon(epsilon_budget, "epsilon budget")
     validate_delta(delta)
-    if epsilon_of(history, delta) >= epsilon_budget:
-        raise ConfigError(f"privacy budget ε={epsilon_budget:g} is already spent")
 
     def eps(sigma: float) -> float:
-        return epsilon_of(list(history) + [(sigma, sample_rate, steps)], delta)
+        return epsilon_of([(sigma, sample_rate, steps)], delta)
 
+    if eps(max_noise_multiplier) > epsilon_budget:
+        raise BudgetExceededError(
+            f"privacy budget ε={epsilon_budget:g} at δ={delta:g} is too small for {steps} steps at sample rate "
+            f"{sample_rate:.3g}: it would need a noise multiplier above {max_noise_multiplier:g}")
     lo, hi = 0.0, 1.0
     while eps(hi) > epsilon_budget:
-        lo, hi = hi, hi * 2
-        if hi > 1e4:
-            raise ConfigError(f"no noise multiplier reaches ε={epsilon_budget:g} at δ={delta:g} "
-                              f"with sample rate {sample_rate:g} over {steps} steps")
-    while hi - lo > tolerance * max(hi, 1e-3):
+        lo, hi = hi, min(hi * 2, max_noise_multiplier)
+    while hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
         if eps(mid) > epsilon_budget:
             lo = mid

@@ -39,6 +39,7 @@ class TrainConfig:
     epsilon_budget: float | None = None  # the site's total ε for the whole federation run
     delta: float = 1e-5
     planned_steps: int | None = None  # local steps planned over all rounds (σ calibration); None = this training
+    max_noise_multiplier: float = 20.0  # a budget needing more noise than this is refused: training would be noise
     noise_std: float = 0.0  # Gaussian noise augmentation on inputs (for randomized-smoothing certification)
     proximal_mu: float = 0.0  # FedProx: pulls weights towards the global model; data-independent, so free
     class_weights: Sequence[float] | None = None  # per-class loss weights (long-tailed labels)
@@ -67,6 +68,8 @@ class TrainConfig:
         dp.validate_delta(self.delta)
         need(self.planned_steps is None or (isinstance(self.planned_steps, int) and self.planned_steps >= 1),
              "planned_steps", "an integer ≥ 1")
+        need(_finite(self.max_noise_multiplier) and self.max_noise_multiplier > 0, "max_noise_multiplier",
+             "a number > 0")
         need(_finite(self.noise_std) and self.noise_std >= 0, "noise_std", "a number ≥ 0")
         need(_finite(self.proximal_mu) and self.proximal_mu >= 0, "proximal_mu", "a number ≥ 0")
 
@@ -101,8 +104,8 @@ def train_private(model: nn.Module, dataset: Dataset, config: TrainConfig, ledge
                   global_params: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train ``model`` in place with DP-SGD for ``config.epochs`` epochs.
 
-    σ is ``config.noise_multiplier`` or, when None, the smallest σ for which the ledger's history plus
-    ``config.planned_steps`` (default: this training's steps) stays within ``config.epsilon_budget``.
+    σ is ``config.noise_multiplier`` or, when None, the smallest σ for which ``config.planned_steps`` steps
+    (default: this training's steps) stay within ``config.epsilon_budget``.
     With a ledger and a budget, training that would exceed the budget is refused before any step, and the
     steps are recorded in the ledger before the first one is taken.
     """
@@ -149,10 +152,10 @@ def _train(model: nn.Module, dataset: Dataset, config: TrainConfig, ledger: Priv
         if sigma is None:
             if config.epsilon_budget is None:
                 raise ConfigError("DP training needs noise_multiplier or epsilon_budget")
-            history = ledger.history if ledger is not None else []
-            done = ledger.steps if ledger is not None else 0
-            remaining = max((config.planned_steps or steps) - done, steps)
-            sigma = dp.noise_for_budget(config.epsilon_budget, config.delta, sample_rate, remaining, history)
+            # Calibrated for the whole plan, not for what is left: every round of a run then uses the same σ,
+            # and a round beyond the plan is refused by the budget check below instead of being drowned in noise.
+            sigma = dp.noise_for_budget(config.epsilon_budget, config.delta, sample_rate,
+                                        config.planned_steps or steps, config.max_noise_multiplier)
         if ledger is not None:
             if config.epsilon_budget is not None:
                 ledger.check_budget(config.epsilon_budget, config.delta, sigma, sample_rate, steps)

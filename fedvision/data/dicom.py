@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fedvision.data.messages import one_line
 from fedvision.errors import DataError
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -26,7 +27,7 @@ def read_dicom(path: Path, window: tuple[float, float] | None, max_pixels: int) 
     try:
         ds = pydicom.dcmread(path)
     except Exception as e:  # pydicom raises many types (InvalidDicomError, EOFError, struct.error, ...)
-        raise DataError(f"cannot read DICOM ({_one_line(e)})") from None
+        raise DataError(f"cannot read DICOM ({one_line(e)})") from None
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or cols <= 0:
         raise DataError("DICOM has no image (missing Rows/Columns or PixelData)")
@@ -39,7 +40,7 @@ def read_dicom(path: Path, window: tuple[float, float] | None, max_pixels: int) 
     try:
         pixels = ds.pixel_array
     except Exception as e:
-        raise DataError(f"cannot decode DICOM pixel data ({_one_line(e)})") from None
+        raise DataError(f"cannot decode DICOM pixel data ({one_line(e)})") from None
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
@@ -79,8 +80,3 @@ def _number(value, default):
         return float(value)
     except (TypeError, ValueError, IndexError):
         return default
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
