@@ -121,7 +121,7 @@ def run_attack_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 def resolve_eps(eps: Sequence[float] | Mapping[str, Sequence[float]] | None,
                 attacks: Iterable[str]) -> dict[str, list[float]]:
     """ε list per attack: a list for all attacks, a dict norm → list, or None for the defaults."""
-    attacks = list(attacks)
+    attacks = _check_attacks(attacks)
     if eps is None:
         by_norm = {norm: list(values) for norm, values in DEFAULT_EPS.items()}
     elif isinstance(eps, Mapping):
@@ -199,7 +199,7 @@ class _Suite:
         self.model, self.images, self.labels = model, images, labels
         self.num_classes, self.batch_size, self.seed = num_classes, batch_size, seed
         self.clean_correct = self._predict(images) == labels
-        self.clean_accuracy = self.clean_correct.float().mean().item()
+        self.clean_accuracy = _fraction(self.clean_correct)
         self.smooth, self.smooth_args = smooth, smooth_args
         if smooth is not None:
             k = len(images) if smooth_limit is None else max(1, min(int(smooth_limit), len(images)))
@@ -296,14 +296,15 @@ class _Suite:
         correct = int(self.clean_correct.sum())
         broken = int((self.clean_correct & ~robust).sum())
         return {"name": name, "norm": norm, "eps": eps, "clean_accuracy": self.clean_accuracy,
-                "robust_accuracy": robust.float().mean().item(),
+                "robust_accuracy": _fraction(robust),
                 "attack_success_rate": broken / correct if correct else None,
                 "n": len(self.labels), "purpose": purpose, **fields}
 
     def _attack(self, attack, restarts: int) -> torch.Tensor:
         """Adversarial images, batch by batch, seeded; with restarts, the first run that fools each image."""
         device = self.images.device
-        devices = [device.index or 0] if device.type == "cuda" else []
+        devices = [torch.cuda.current_device() if device.index is None else device.index] \
+            if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
             out = []
@@ -340,11 +341,11 @@ class _Suite:
         row.update({
             "smoothed_n": k, "smoothed_sigma": self.smooth.sigma, "smoothed_samples": self.smooth_args["n"],
             "smoothed_alpha": self.smooth_args["alpha"],
-            "smoothed_clean_accuracy": correct.float().mean().item(),
-            "smoothed_robust_accuracy": s_robust.float().mean().item(),
+            "smoothed_clean_accuracy": _fraction(correct),
+            "smoothed_robust_accuracy": _fraction(s_robust),
             "smoothed_attack_success_rate": int((correct & ~s_robust).sum()) / n_correct if n_correct else None,
             "smoothed_abstain_rate": int((correct & (pred == Smooth.ABSTAIN)).sum()) / n_correct if n_correct else None,
-            "base_robust_accuracy_same_images": base_robust.float().mean().item(),
+            "base_robust_accuracy_same_images": _fraction(base_robust),
             "base_attack_success_rate_same_images":
                 int((base_correct & ~base_robust).sum()) / n_base if n_base else None,
         })
@@ -369,6 +370,10 @@ def _most_informative_eps(rows: list[dict]) -> float:
     return min(candidates, key=lambda r: (abs(r["robust_accuracy"] - r["clean_accuracy"] / 2), r["eps"]))["eps"]
 
 
+def _fraction(mask: torch.Tensor) -> float:
+    return int(mask.sum()) / mask.numel()
+
+
 def _norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
     flat = delta.flatten(1).float()
     return flat.abs().amax(1) if norm == "Linf" else flat.norm(dim=1)
@@ -377,7 +382,7 @@ def _norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
 def _check_attacks(attacks: Sequence[str]) -> list[str]:
     if isinstance(attacks, str):
         attacks = [attacks]
-    attacks = list(dict.fromkeys(str(a).strip().lower() for a in attacks))
+    attacks = list(dict.fromkeys(str(a).strip() for a in attacks))
     unknown = [a for a in attacks if a not in ATTACK_NORMS]
     if unknown or not attacks:
         raise ConfigError(f"unknown attack {unknown[0] if unknown else '(none given)'!r}: "

@@ -17,7 +17,6 @@ A model family that cannot be made compatible is refused at creation with a one-
 from __future__ import annotations
 
 import math
-import types
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d
+from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models import register_model
 
 from fedvision.dp import check_per_sample_gradients
@@ -282,14 +282,22 @@ def _resnet_bottleneck_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.act3(x + shortcut)
 
 
-def _out_of_place_residuals(model: nn.Module) -> None:
-    """Swap forwards that add the shortcut in place onto a hooked layer's output (timm ResNet blocks)."""
-    from timm.models.resnet import BasicBlock, Bottleneck
+class _DPBasicBlock(BasicBlock):
+    forward = _resnet_basic_forward
 
-    forwards = {BasicBlock: _resnet_basic_forward, Bottleneck: _resnet_bottleneck_forward}
+
+class _DPBottleneck(Bottleneck):
+    forward = _resnet_bottleneck_forward
+
+
+def _out_of_place_residuals(model: nn.Module) -> None:
+    """Swap the class of blocks that add the shortcut in place onto a hooked layer's output (timm ResNet).
+
+    A class swap (not an instance attribute) so the fix survives ``copy.deepcopy`` and pickling."""
+    swaps = {BasicBlock: _DPBasicBlock, Bottleneck: _DPBottleneck}
     for m in model.modules():
-        if type(m) in forwards:
-            m.forward = types.MethodType(forwards[type(m)], m)
+        if type(m) in swaps:
+            m.__class__ = swaps[type(m)]
 
 
 def _contiguous_inputs(module: nn.Module, args: tuple) -> tuple:

@@ -554,9 +554,8 @@ def _read_pillow(path: Path, max_pixels: int) -> Image.Image:
             return image
     except DataError:
         raise
-    except Image.DecompressionBombError:
-        raise DataError(f"image dimensions exceed the decompression-bomb limit "
-                        f"(over {max_pixels / 1e6:.0f} MP allowed)") from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit, checked while reading the header
+        raise DataError(f"image too large, refused before decoding ({one_line(e)})") from None
     except UnidentifiedImageError:
         raise DataError("not a recognised image file (PNG, JPEG, BMP, TIFF or DICOM)") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... for bad files

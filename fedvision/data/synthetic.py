@@ -23,6 +23,7 @@ test split.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -241,3 +242,46 @@ def _render(rng: np.random.Generator, lesion: dict[str, np.ndarray], skin: np.nd
         img += rng.standard_normal(size=img.shape, dtype=np.float32) * np.float32(p["noise"])
         out[sel] = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
     return out
+
+
+def write_synthetic_derm(out: str | Path, seed: int = 0, sites: int = 3, per_site: int = 600, test_size: int = 600,
+                         image_size: int = 32) -> dict[str, int]:
+    """Write the data as site folders: ``out/site-K/images/*.png`` + ``out/site-K/manifest.csv`` per site and
+    ``out/test/`` for the test split (all sites, ``site`` column kept), plus ``out/synthetic-derm.json``.
+
+    Manifests have columns path,label,sex,age_band,skin_tone,site with paths relative to the manifest. Each
+    manifest is written atomically after its images, so a manifest never names a half-written image.
+    Returns {folder name: number of images}.
+    """
+    from PIL import Image
+
+    from fedvision import __version__
+    from fedvision.io import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    data = generate_synthetic_derm(seed=seed, sites=sites, per_site=per_site, test_size=test_size,
+                                   image_size=image_size)
+    folders: list[tuple[str, SyntheticSplit, np.ndarray]] = []
+    for site in data.sites:
+        folders.append((site["name"], data.train, np.flatnonzero(data.train.attributes["site"] == site["name"])))
+    folders.append(("test", data.test, np.arange(len(data.test.labels))))
+
+    written: dict[str, int] = {}
+    for name, part, indices in folders:
+        folder = out / name
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        paths = []
+        for number, i in enumerate(indices):
+            relative = f"images/{number:05d}.png"
+            Image.fromarray(part.images[i]).save(folder / relative)
+            paths.append(relative)
+        manifest = pd.DataFrame({"path": paths, "label": np.array(data.classes)[part.labels[indices]]})
+        for column in ATTRIBUTE_COLUMNS:
+            manifest[column] = part.attributes[column].to_numpy()[indices]
+        atomic_write_text(folder / "manifest.csv", manifest.to_csv(index=False))
+        written[name] = len(indices)
+    atomic_write_json(out / "synthetic-derm.json", {
+        "generator": f"fedvision {__version__} synthetic-derm", "params": data.params, "classes": data.classes,
+        "sites": data.sites, "counts": written,
+    })
+    return written

@@ -1,0 +1,214 @@
+"""The one config schema: run config (coordinator and simulation) and node config (a site).
+
+Flower passes run config from ``[tool.flwr.app.config]`` (plus ``--run-config`` overrides) and node config
+from ``flower-supernode --node-config``; the CLI writes the same keys. Keys use Flower's hyphenated style.
+Every key is declared once here with its type, default, check and meaning; an unknown key or a bad value
+raises ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+from fedvision.errors import ConfigError
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0 < v <= 1
+
+
+def _open_unit(v: Any) -> bool:
+    return 0 < v < 1
+
+
+def _opt(help: str, default: Any, check: Callable[[Any], bool] | None = None, what: str = "",
+         choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "check": check, "what": what, "choices": choices})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Run config of a federation run. Attribute ``num_server_rounds`` is key ``num-server-rounds``."""
+
+    # -- federation ----------------------------------------------------------------------------------------
+    num_server_rounds: int = _opt("rounds in total (a resumed run continues up to this)", 3, _positive, "≥ 1")
+    strategy: str = _opt("aggregation rule", "fedavg", choices=STRATEGIES)
+    fraction_train: float = _opt("fraction of connected sites sampled per round", 1.0, _fraction, "in (0, 1]")
+    min_train_nodes: int = _opt("a round goes on once this many sites replied", 2, _positive, "≥ 1")
+    min_available_nodes: int = _opt("sites that must be connected before a round starts", 2, _positive, "≥ 1")
+    round_timeout: float = _opt("seconds to wait for replies in a round", 600.0, _positive, "> 0")
+    proximal_mu: float = _opt("FedProx proximal strength μ", 0.01, _non_negative, "≥ 0")
+    server_lr: float = _opt("FedAdam server learning rate η", 0.01, _positive, "> 0")
+    trimmed_beta: float = _opt("FedTrimmedAvg: fraction trimmed at each end", 0.2, lambda v: 0 <= v < 0.5,
+                               "in [0, 0.5)")
+    krum_malicious: int = _opt("Krum/MultiKrum: number of malicious sites tolerated", 1, _non_negative, "≥ 0")
+    multikrum_keep: int = _opt("MultiKrum: updates kept for averaging (0 = all but the malicious)", 0,
+                               _non_negative, "≥ 0")
+    max_update_norm: float = _opt("reject updates whose L2 distance to the global model exceeds this (0 = off)",
+                                  100.0, _non_negative, "≥ 0")
+    # -- model and data ------------------------------------------------------------------------------------
+    model: str = _opt("timm model name or fedvision_cnn / fedvision_swin", "fedvision_cnn")
+    image_size: int = _opt("images are resized to image-size × image-size", 32, lambda v: v >= 4, "≥ 4")
+    channels: int = _opt("image channels (1 or 3)", 3, lambda v: v in (1, 3), "1 or 3")
+    dataset: str = _opt("simulation: the dataset spec partitioned among simulated sites", "synthetic-derm:0")
+    partitioning: str = _opt("simulation: iid, dirichlet:ALPHA or by:COLUMN", "by:site")
+    test_dataset: str = _opt("held-out data for central evaluation each round ('' = none)", "")
+    local_test_fraction: float = _opt("share of a site's data held out for its local evaluation", 0.2,
+                                      lambda v: 0 <= v < 1, "in [0, 1)")
+    sensitive: str = _opt("comma-separated sensitive attributes reported per group", "sex,age_band,skin_tone,site")
+    # -- local training ------------------------------------------------------------------------------------
+    local_epochs: int = _opt("local epochs per round", 1, _positive, "≥ 1")
+    batch_size: int = _opt("expected logical batch size (Poisson sampling)", 64, _positive, "≥ 1")
+    max_physical_batch_size: int = _opt("memory bound on a physical batch", 128, _positive, "≥ 1")
+    lr: float = _opt("local learning rate", 0.1, _positive, "> 0")
+    momentum: float = _opt("local SGD momentum", 0.0, lambda v: 0 <= v < 1, "in [0, 1)")
+    dp: bool = _opt("train with DP-SGD (false only for debugging: no privacy guarantee)", True)
+    max_grad_norm: float = _opt("DP-SGD per-sample clipping bound", 1.0, _positive, "> 0")
+    epsilon_budget: float = _opt("default per-site ε budget for the whole run (a site's node config overrides)",
+                                 8.0, lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+    delta: float = _opt("default per-site δ", 1e-5, _open_unit, "in (0, 1)")
+    noise_std: float = _opt("Gaussian noise augmentation σ on inputs (for certification)", 0.0, _non_negative,
+                            "≥ 0")
+    seed: int = _opt("seed for model initialisation, sampling and noise", 0, _non_negative, "≥ 0")
+    # -- simulation only -----------------------------------------------------------------------------------
+    site_epsilon_budgets: str = _opt("simulation: comma-separated ε budget per partition ('' = the default)", "")
+    simulated_attacks: str = _opt("simulation: poisoned sites, e.g. 'site-2:nan,site-3:scale=100,site-4:signflip'",
+                                  "")
+    # -- bookkeeping (set by the CLI) ----------------------------------------------------------------------
+    run_dir: str = _opt("folder for checkpoints, run.json and (in simulation) site state", "fedvision-run")
+    resume: bool = _opt("continue from the last checkpoint in run-dir", False)
+
+    # ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+        return _build(cls, values, "run config")
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def sensitive_attributes(self) -> list[str]:
+        return [s.strip() for s in self.sensitive.split(",") if s.strip()]
+
+    def site_budget(self, partition_id: int) -> float:
+        """The ε budget of simulated site ``partition_id``."""
+        if not self.site_epsilon_budgets:
+            return self.epsilon_budget
+        budgets = _parse_list(self.site_epsilon_budgets, "site-epsilon-budgets", float)
+        if partition_id >= len(budgets):
+            return self.epsilon_budget
+        if not budgets[partition_id] > 0:
+            raise ConfigError(f"site-epsilon-budgets: entry {partition_id + 1} must be > 0")
+        return budgets[partition_id]
+
+    def attacks(self) -> dict[str, str]:
+        """``simulated-attacks`` as {site name: attack}."""
+        out = {}
+        for item in filter(None, (s.strip() for s in self.simulated_attacks.split(","))):
+            site, _, attack = item.partition(":")
+            kind = attack.split("=")[0]
+            if kind not in ("nan", "scale", "signflip", "noise"):
+                raise ConfigError(f"simulated-attacks: unknown attack {attack!r} for {site!r} "
+                                  "(expected nan, scale=K, signflip or noise=STD)")
+            out[site] = attack
+        return out
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Node config of a site (``flower-supernode --node-config "data=... state-dir=..."``)."""
+
+    data: str = _opt("the site's training data spec, e.g. manifest:/data/site.csv", "")
+    test_data: str = _opt("the site's local evaluation data ('' = hold out local-test-fraction of data)", "")
+    state_dir: str = _opt("folder for the site's privacy ledger and round cache", "")
+    site_name: str = _opt("the site's name in reports ('' = derived from state-dir)", "")
+    epsilon_budget: float = _opt("the site's ε budget for this federation (0 = run config default)", 0.0,
+                                 lambda v: v >= 0 and math.isfinite(v), "a finite number ≥ 0")
+    delta: float = _opt("the site's δ (0 = run config default)", 0.0, lambda v: 0 <= v < 1, "in [0, 1)")
+    # Set by Flower's simulation engine:
+    partition_id: int = _opt("simulation: this node's partition", -1)
+    num_partitions: int = _opt("simulation: number of partitions", 0)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "NodeConfig":
+        return _build(cls, values, "node config")
+
+    @property
+    def simulated(self) -> bool:
+        return self.partition_id >= 0 and not self.data
+
+
+def named_split(spec: str, split: str) -> str | None:
+    """The split to ask a dataset spec for: only archive-like sources (synthetic-derm, digits, npz) have named
+    train/test splits; a site's folder or manifest is read whole."""
+    return split if spec.split(":")[0] in ("synthetic-derm", "digits", "npz") else None
+
+
+def _parse_list(text: str, key: str, convert: Callable[[str], Any]) -> list[Any]:
+    try:
+        return [convert(s.strip()) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise ConfigError(f"{key}: cannot parse {text!r} ({e})") from None
+
+
+def _build(cls, values: Mapping[str, Any], where: str):
+    known = {f.name.replace("_", "-"): f for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        f = known.get(key) or known.get(str(key).replace("_", "-"))
+        if f is None:
+            close = [k for k in known if k.split("-")[0] == str(key).split("-")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+        kwargs[f.name] = _coerce(f, value, f"{where}: '{f.name.replace('_', '-')}'")
+    return cls(**kwargs)
+
+
+def _coerce(f, value: Any, label: str) -> Any:
+    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    try:
+        if typ is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                value = value.lower() in ("true", "1", "yes")
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+            if math.isnan(value):
+                raise ValueError
+        else:
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{label} must be {typ.__name__}, got {value!r}") from None
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{label} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if meta.get("check") and not meta["check"](value):
+        raise ConfigError(f"{label} must be {meta['what']}, got {value!r}")
+    return value
+
+
+def describe(cls=RunConfig) -> str:
+    """Markdown table of every key (for docs and `fedvision run --help-config`)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in fields(cls):
+        rows.append(f"| `{f.name.replace('_', '-')}` | `{f.default!r}` | {f.metadata.get('help', '')} |")
+    return "\n".join(rows)

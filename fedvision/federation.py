@@ -1,0 +1,271 @@
+"""The coordinator's logic, without Flower: update validation, the run record, checkpoints and resume.
+
+``server/app.py`` runs the rounds with Flower's Grid and strategies and calls into this module for every
+decision and every file it writes. The server never computes a site's ε: it records what sites report.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import fedvision
+from fedvision.config import RunConfig, named_split
+from fedvision.errors import ConfigError, UpdateRejected
+from fedvision.io import atomic_write, atomic_write_json
+from fedvision.models import create_model, save_model
+
+log = logging.getLogger("fedvision.coordinator")
+
+CHECKPOINT = "checkpoint.pt"
+RUN_RECORD = "run.json"
+GLOBAL_MODEL = "global_model.pt"
+RUN_FORMAT = "fedvision-run/1"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Update validation
+# ---------------------------------------------------------------------------------------------------------
+def validate_update(reference: dict[str, np.ndarray], update: dict[str, np.ndarray], max_norm: float) -> float:
+    """Check a site's weights against the global model's; return the update's L2 norm or raise UpdateRejected.
+
+    Same keys, shapes and dtypes; every value finite; ‖update − global‖₂ ≤ ``max_norm`` (0 disables).
+    """
+    missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+                ([f"unexpected {', '.join(extra[:3])}"] if extra else [])
+        raise UpdateRejected("keys differ from the global model: " + "; ".join(parts))
+    sq = 0.0
+    for key, ref in reference.items():
+        arr = update[key]
+        if arr.shape != ref.shape:
+            raise UpdateRejected(f"'{key}' has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}")
+        if arr.dtype != ref.dtype:
+            raise UpdateRejected(f"'{key}' has dtype {arr.dtype}, expected {ref.dtype}")
+        if np.issubdtype(arr.dtype, np.floating):
+            if not np.isfinite(arr).all():
+                raise UpdateRejected(f"'{key}' contains NaN or infinite values")
+            sq += float(np.sum((arr.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    norm = sq ** 0.5
+    if max_norm and norm > max_norm:
+        raise UpdateRejected(f"update norm {norm:.3g} exceeds max-update-norm {max_norm:g}")
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Replies as plain data (server/app.py converts Flower Messages into these)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainReply:
+    site: str
+    arrays: dict[str, np.ndarray] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    refusal: str | None = None  # the site declined (budget spent, bad local data), with its reason
+    error: str | None = None  # the ClientApp failed or timed out
+
+
+@dataclass
+class EvaluateReply:
+    site: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    groups: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"fedvision": fedvision.__version__, "python": platform.python_version()}
+    for pkg in ("flwr", "torch", "opacus", "timm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The coordinator
+# ---------------------------------------------------------------------------------------------------------
+class Coordinator:
+    """Owns the run folder: the global model, checkpoints, ``run.json``; screens every update."""
+
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self.dir = Path(run.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.round = 0
+        self.record: dict[str, Any] = {
+            "format": RUN_FORMAT, "config": run.to_mapping(), "versions": versions(),
+            "started": _now(), "rounds": [], "sites": {}, "rejected": [], "refused": [], "failed": [],
+            "resumes": [], "status": "running",
+        }
+
+    # -- start / resume -----------------------------------------------------------------------------------
+    def initial_model(self) -> torch.nn.Module:
+        torch.manual_seed(self.run.seed)  # every fresh run of one config starts from the same weights
+        return create_model(self.run.model, self._num_classes(), in_chans=self.run.channels,
+                            img_size=self.run.image_size, dp=self.run.dp)
+
+    def _num_classes(self) -> int:
+        if not hasattr(self, "_classes"):
+            from fedvision.data import load_dataset
+
+            spec = self.run.test_dataset or self.run.dataset
+            self._classes = list(load_dataset(spec, image_size=self.run.image_size, channels=self.run.channels,
+                                              split=named_split(spec, "test" if self.run.test_dataset else "train"))
+                                 .classes)
+        return len(self._classes)
+
+    def start(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(global weights, strategy state) to start from: the last checkpoint when resuming, else fresh."""
+        path = self.dir / CHECKPOINT
+        if self.run.resume:
+            if not path.exists():
+                raise ConfigError(f"resume: no checkpoint in {self.dir} (run-dir)")
+            ckpt = torch.load(path, weights_only=True)
+            self.round = int(ckpt["round"])
+            import json
+
+            self.record = json.loads(ckpt["record"])
+            self.record["config"] = self.run.to_mapping()
+            self.record["resumes"].append({"at": _now(), "from_round": self.round})
+            self.record["status"] = "running"
+            self._classes = self.record["classes"]
+            log.info("resuming %s after round %d of %d", self.dir, self.round, self.run.num_server_rounds)
+            return ckpt["state"], ckpt["strategy"]
+        if path.exists():
+            raise ConfigError(f"run-dir {self.dir} already holds a run; resume it or choose another folder")
+        model = self.initial_model()
+        self.record["classes"] = self._classes
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, {}
+
+    # -- a round ------------------------------------------------------------------------------------------
+    def screen(self, server_round: int, replies: list[TrainReply], global_state: dict[str, torch.Tensor]) -> list[int]:
+        """Indices of the replies to aggregate; everything else is logged once and recorded with its reason."""
+        reference = {k: v.numpy() for k, v in global_state.items()}
+        accepted = []
+        for i, reply in enumerate(replies):
+            if reply.error is not None:
+                self._note("failed", server_round, reply.site, reply.error)
+                continue
+            if reply.refusal is not None:
+                self._note("refused", server_round, reply.site, reply.refusal)
+                continue
+            try:
+                norm = validate_update(reference, reply.arrays or {}, self.run.max_update_norm)
+            except UpdateRejected as e:
+                self._note("rejected", server_round, reply.site, str(e))
+                continue
+            reply.metrics["update-norm"] = norm
+            accepted.append(i)
+        return accepted
+
+    def _note(self, kind: str, server_round: int, site: str, reason: str) -> None:
+        log.warning("round %d: %s %s: %s", server_round, site, kind, reason)
+        self.record[kind].append({"round": server_round, "site": site, "reason": reason})
+
+    def finish_round(self, server_round: int, replies: list[TrainReply], accepted: list[int], aggregated: bool,
+                     evaluations: list[EvaluateReply], central: dict[str, float] | None, seconds: float) -> None:
+        site_rows = {}
+        for i, r in enumerate(replies):
+            row = {k: v for k, v in r.metrics.items()}
+            row["accepted"] = i in accepted
+            site_rows[r.site] = row
+            if "epsilon" in r.metrics:  # what the site's ledger says, cumulative over the run
+                self.record["sites"][r.site] = {
+                    "num_examples": int(r.metrics.get("num-examples", 0)),
+                    "epsilon": r.metrics["epsilon"], "delta": r.metrics.get("delta"),
+                    "epsilon_budget": r.metrics.get("epsilon-budget"),
+                    "noise_multiplier": r.metrics.get("noise-multiplier"),
+                    "sample_rate": r.metrics.get("sample-rate"), "steps": int(r.metrics.get("steps-total", 0)),
+                    "accountant": "rdp", "last_round": server_round}
+            elif r.metrics.get("num-examples"):
+                self.record["sites"].setdefault(r.site, {})["num_examples"] = int(r.metrics["num-examples"])
+        train_seconds = [r.metrics.get("train-seconds", 0.0) for r in replies if r.arrays is not None]
+        site_time = max(train_seconds, default=0.0)  # sites train in parallel
+        evaluation = federated_evaluation(evaluations)
+        self.record["rounds"].append({
+            "round": server_round, "aggregated": aggregated, "accepted": [replies[i].site for i in accepted],
+            "sites": site_rows, "evaluate": evaluation, "central": central,
+            "timing": {"round_seconds": seconds, "site_training_seconds": site_time,
+                       "other_seconds": max(seconds - site_time, 0.0)}})
+        self.round = server_round
+
+    # -- files --------------------------------------------------------------------------------------------
+    def checkpoint(self, global_state: dict[str, torch.Tensor], strategy_state: dict[str, Any]) -> None:
+        """Write checkpoint, global model and run record for the round just finished (each atomically).
+
+        The checkpoint alone is enough to resume; it is written first, so a crash between the writes leaves a
+        resumable run whose other files are at most one round behind."""
+        import json
+
+        payload = {"round": self.round, "state": {k: v.detach().cpu() for k, v in global_state.items()},
+                   "strategy": strategy_state, "record": json.dumps(self.record)}
+        atomic_write(self.dir / CHECKPOINT, lambda f: torch.save(payload, f))
+        self.save_model(global_state)
+        self.write_record()
+
+    def save_model(self, global_state: dict[str, torch.Tensor]) -> None:
+        model = create_model(self.run.model, len(self._classes), in_chans=self.run.channels,
+                             img_size=self.run.image_size, dp=self.run.dp)
+        model.load_state_dict(global_state)
+        save_model(model, self.dir / GLOBAL_MODEL, {
+            "class_names": self._classes, "noise_std": self.run.noise_std, "round": self.round,
+            "trained_with": {"strategy": self.run.strategy, "dp": self.run.dp, "dataset": self.run.dataset}})
+
+    def write_record(self, status: str | None = None) -> None:
+        if status:
+            self.record["status"] = status
+            self.record["finished"] = _now()
+        self.record["completed_rounds"] = self.round
+        atomic_write_json(self.dir / RUN_RECORD, self.record)
+
+    # -- central evaluation -------------------------------------------------------------------------------
+    def central_evaluate(self, global_state: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        if not self.run.test_dataset:
+            return None
+        from fedvision.data import load_dataset
+        from fedvision.train import evaluate
+
+        if not hasattr(self, "_test"):
+            self._test = load_dataset(self.run.test_dataset, image_size=self.run.image_size,
+                                      channels=self.run.channels, split=named_split(self.run.test_dataset, "test"))
+        model = create_model(self.run.model, len(self._classes), in_chans=self.run.channels,
+                             img_size=self.run.image_size, dp=self.run.dp)
+        model.load_state_dict(global_state)
+        result = evaluate(model, self._test.dataset)
+        return {"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples}
+
+
+def federated_evaluation(evaluations: list[EvaluateReply]) -> dict[str, Any]:
+    """Example-weighted accuracy over sites and per-group confusion counts summed over sites."""
+    ok = [e for e in evaluations if e.error is None and e.metrics.get("num-examples")]
+    n = sum(e.metrics["num-examples"] for e in ok)
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for e in ok:
+        for attr, by_group in e.groups.items():
+            for g, cm in by_group.items():
+                acc = groups.setdefault(attr, {})
+                acc[g] = acc.get(g, 0) + np.asarray(cm)
+    return {
+        "num_examples": int(n),
+        "accuracy": (sum(e.metrics["accuracy"] * e.metrics["num-examples"] for e in ok) / n) if n else None,
+        "sites": {e.site: {"accuracy": e.metrics.get("accuracy"), "num_examples": e.metrics.get("num-examples")}
+                  for e in ok},
+        "group_confusion": {a: {g: cm.tolist() for g, cm in gs.items()} for a, gs in groups.items()},
+        "classes": ok[0].classes if ok else [],
+    }
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,243 @@
+"""A site (hospital, factory): its data, its privacy ledger, local training and local evaluation.
+
+Everything a ClientApp does, without Flower: ``client/app.py`` only turns Messages into these calls.
+The site decides its own privacy: its ε budget and δ come from its node config (defaults from the run
+config), its ledger lives in its own state directory, and it refuses training that would exceed the budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedvision.config import NodeConfig, RunConfig, named_split
+from fedvision.errors import BudgetExceededError, ConfigError
+from fedvision.io import atomic_write
+from fedvision.models import create_model
+from fedvision.privacy import PrivacyLedger
+from fedvision.train import TrainConfig, evaluate, steps_per_epoch, train_nonprivate, train_private
+
+log = logging.getLogger("fedvision.site")
+
+StateDict = dict[str, torch.Tensor]
+
+
+def train_config(run: RunConfig, num_examples: int, epsilon_budget: float, delta: float,
+                 proximal_mu: float = 0.0) -> TrainConfig:
+    """The run config's local-training keys as a TrainConfig; σ is calibrated for the whole run's steps."""
+    planned = run.num_server_rounds * run.local_epochs * steps_per_epoch(num_examples, run.batch_size)
+    return TrainConfig(epochs=run.local_epochs, batch_size=run.batch_size,
+                       max_physical_batch_size=run.max_physical_batch_size, lr=run.lr, momentum=run.momentum,
+                       max_grad_norm=run.max_grad_norm, epsilon_budget=epsilon_budget, delta=delta,
+                       planned_steps=planned, noise_std=run.noise_std, proximal_mu=proximal_mu, seed=run.seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(spec: str, image_size: int, channels: int, split: str | None):
+    # Simulated sites run as Ray actors that live across rounds: load each dataset once per process.
+    from fedvision.data import load_dataset
+
+    return load_dataset(spec, image_size=image_size, channels=channels, split=split)
+
+
+def _local_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train / local-test split of a site's own data."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * fraction))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+@dataclass
+class Site:
+    name: str
+    train_data: Any  # fedvision.data.LoadedDataset
+    test_data: Any | None
+    state_dir: Path
+    epsilon_budget: float
+    delta: float
+    run: RunConfig
+    attack: str | None = None  # simulation only: poison this site's updates
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_configs(cls, run: RunConfig, node: NodeConfig) -> "Site":
+        from fedvision.data import partition, subset
+
+        if node.simulated:
+            if node.partition_id >= node.num_partitions:
+                raise ConfigError(f"node config: 'partition-id' {node.partition_id} ≥ 'num-partitions'")
+            full = _load(run.dataset, run.image_size, run.channels, named_split(run.dataset, "train"))
+            parts = partition(full, run.partitioning, node.num_partitions, seed=run.seed)
+            data = subset(full, parts[node.partition_id])
+            name = f"site-{node.partition_id + 1}"
+            state_dir = Path(run.run_dir) / "sites" / name
+            budget = run.site_budget(node.partition_id)
+        else:
+            if not node.data:
+                raise ConfigError("node config: 'data' is required (e.g. data=manifest:/data/site/manifest.csv)")
+            if not node.state_dir:
+                raise ConfigError("node config: 'state-dir' is required (where the site keeps its privacy ledger)")
+            data = _load(node.data, run.image_size, run.channels, None)
+            state_dir = Path(node.state_dir)
+            name = node.site_name or state_dir.resolve().name
+            budget = node.epsilon_budget or run.epsilon_budget
+        if node.test_data:
+            test = _load(node.test_data, run.image_size, run.channels, None)
+            train = data
+        elif run.local_test_fraction > 0 and len(data) >= 10:
+            tr, te = _local_split(len(data), run.local_test_fraction, run.seed)
+            train, test = subset(data, tr), subset(data, te)
+        else:
+            train, test = data, None
+        return cls(name=name, train_data=train, test_data=test, state_dir=state_dir, epsilon_budget=budget,
+                   delta=node.delta or run.delta, run=run, attack=run.attacks().get(name))
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        return PrivacyLedger(self.state_dir / "ledger.json")
+
+    def model(self, state: StateDict | None = None) -> torch.nn.Module:
+        model = _model(self.run.model, len(self.train_data.classes), self.run.channels, self.run.image_size,
+                       self.run.dp)
+        if state is not None:
+            model.load_state_dict(state)
+        return model
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train(self, global_state: StateDict, server_round: int, proximal_mu: float = 0.0) -> tuple[StateDict, dict]:
+        """One round of local training from the global weights. Returns (new weights, metrics).
+
+        A round the site already trained from the same global weights (the coordinator resumed after a crash
+        and asks again) is answered from the site's round cache: no second training, no second privacy charge.
+        """
+        digest = _digest(global_state)
+        cached = self._cached_reply(server_round, digest)
+        if cached is not None:
+            log.info("%s: round %d already trained from these global weights; replaying the cached update",
+                     self.name, server_round)
+            return cached
+        model = self.model(global_state)
+        cfg = train_config(self.run, len(self.train_data), self.epsilon_budget, self.delta, proximal_mu)
+        trainer = train_private if self.run.dp else train_nonprivate
+        result = trainer(model, self.train_data.dataset, cfg, self.ledger if self.run.dp else None,
+                         global_params=global_state)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if self.attack:
+            state = poison(state, global_state, self.attack, seed=self.run.seed + server_round)
+        metrics = {"num-examples": len(self.train_data), "train-loss": result.loss, "train-seconds": result.seconds,
+                   "steps": result.steps, "dp": int(self.run.dp)}
+        if self.run.dp:
+            metrics.update({"epsilon": result.epsilon, "delta": self.delta, "epsilon-budget": self.epsilon_budget,
+                            "noise-multiplier": result.noise_multiplier, "sample-rate": result.sample_rate,
+                            "steps-total": self.ledger.steps})
+        self._cache_reply(server_round, digest, state, metrics)
+        return state, metrics
+
+    def privacy_metrics(self) -> dict[str, Any]:
+        summary = self.ledger.summary(self.delta)
+        return {"epsilon": summary["epsilon"], "delta": self.delta, "epsilon-budget": self.epsilon_budget,
+                "steps-total": summary["steps"]}
+
+    def _cache_path(self) -> Path:
+        return self.state_dir / "round-cache.pt"
+
+    def _cached_reply(self, server_round: int, digest: str):
+        path = self._cache_path()
+        if not path.exists():
+            return None
+        cached = torch.load(path, weights_only=True)
+        if cached.get("round") == server_round and cached.get("global") == digest:
+            metrics = json.loads(cached["metrics"])
+            metrics.update(self.privacy_metrics() if self.run.dp else {})
+            return cached["state"], metrics
+        return None
+
+    def _cache_reply(self, server_round: int, digest: str, state: StateDict, metrics: dict) -> None:
+        payload = {"round": server_round, "global": digest, "state": state, "metrics": json.dumps(metrics)}
+        atomic_write(self._cache_path(), lambda f: torch.save(payload, f))
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def evaluate(self, global_state: StateDict) -> dict[str, Any]:
+        """Accuracy on the site's local test data and, per sensitive attribute, per-group confusion counts
+        (so fairness can be measured across the federation while no image leaves the site)."""
+        if self.test_data is None or len(self.test_data) == 0:
+            return {"num-examples": 0, "accuracy": 0.0, "loss": 0.0, "groups": {}}
+        result = evaluate(self.model(global_state), self.test_data.dataset)
+        k = len(self.test_data.classes)
+        attrs = self.test_data.attributes
+        groups = {}
+        for column in self.run.sensitive_attributes:
+            if column not in attrs.columns:
+                continue
+            groups[column] = {str(g): confusion_counts(result.y_true[mask], result.y_pred[mask], k)
+                              for g, mask in _group_masks(attrs[column])}
+        return {"num-examples": result.num_examples, "accuracy": result.accuracy, "loss": result.loss,
+                "classes": list(self.test_data.classes), "groups": groups}
+
+
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> list[list[int]]:
+    """Confusion matrix as nested lists: row = true class, column = predicted class."""
+    cm = np.zeros((num_classes, num_classes), dtype=int)
+    np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
+    return cm.tolist()
+
+
+def _group_masks(column):
+    values = column.astype(str).to_numpy()
+    for g in sorted(set(values)):
+        yield g, values == g
+
+
+@functools.lru_cache(maxsize=2)
+def _template(name: str, num_classes: int, channels: int, image_size: int, dp: bool) -> torch.nn.Module:
+    return create_model(name, num_classes, in_chans=channels, img_size=image_size, dp=dp)
+
+
+def _model(name: str, num_classes: int, channels: int, image_size: int, dp: bool) -> torch.nn.Module:
+    # create_model probes DP compatibility (a forward/backward pass); do it once per process and copy.
+    import copy
+
+    return copy.deepcopy(_template(name, num_classes, channels, image_size, dp))
+
+
+def _digest(state: StateDict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def poison(state: StateDict, global_state: StateDict, attack: str, seed: int = 0) -> StateDict:
+    """Simulated Byzantine site (for robustness tests and demos): nan, scale=K, signflip or noise=STD."""
+    kind, _, arg = attack.partition("=")
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if not v.is_floating_point():
+            out[k] = v
+            continue
+        delta = v - global_state[k]
+        if kind == "nan":
+            out[k] = torch.full_like(v, math.nan)
+        elif kind == "scale":
+            out[k] = global_state[k] + float(arg or 100) * delta
+        elif kind == "signflip":
+            out[k] = global_state[k] - delta
+        elif kind == "noise":
+            out[k] = v + float(arg or 1.0) * torch.randn(v.shape, generator=g)
+        else:
+            raise ConfigError(f"unknown simulated attack {attack!r}")
+    return out
+
+
+__all__ = ["Site", "train_config", "confusion_counts", "poison", "BudgetExceededError"]

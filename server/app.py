@@ -1,0 +1,94 @@
+"""ServerApp: the coordinator. Thin Flower glue: rounds on Flower's Grid with Flower's strategies; every
+decision (validation, records, checkpoints, resume) is made by ``fedvision.federation.Coordinator``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from fedvision.config import RunConfig
+from fedvision.federation import Coordinator, EvaluateReply, TrainReply
+from server.strategy import build_strategy, restore_strategy_state, strategy_state
+
+log = logging.getLogger("fedvision.coordinator")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = RunConfig.from_mapping(context.run_config)
+    coordinator = Coordinator(run)
+    state, saved_strategy = coordinator.start()
+    strategy = build_strategy(run)
+    restore_strategy_state(strategy, saved_strategy)
+    names: dict[int, str] = {}  # node id → site name, to name sites whose reply is an error
+
+    if coordinator.round == 0 and (central := coordinator.central_evaluate(state)) is not None:
+        coordinator.record["initial_central"] = central
+        log.info("round 0: central accuracy %.3f", central["accuracy"])
+
+    for server_round in range(coordinator.round + 1, run.num_server_rounds + 1):
+        started = time.perf_counter()
+        log.info("round %d/%d", server_round, run.num_server_rounds)
+        arrays = ArrayRecord(state)
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
+        train_replies = [_train_reply(m, names) for m in replies]
+        accepted = coordinator.screen(server_round, train_replies, state)
+        aggregated = False
+        if len(accepted) >= run.min_train_nodes:
+            new_arrays, _ = strategy.aggregate_train(server_round, [replies[i] for i in accepted])
+            if new_arrays is not None:
+                state, aggregated = new_arrays.to_torch_state_dict(), True
+        else:
+            log.warning("round %d: %d valid updates < min-train-nodes %d; global model unchanged",
+                        server_round, len(accepted), run.min_train_nodes)
+
+        arrays = ArrayRecord(state)
+        eval_messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        evaluations = [_evaluate_reply(m, names) for m in grid.send_and_receive(eval_messages,
+                                                                                timeout=run.round_timeout)]
+        central = coordinator.central_evaluate(state)
+        coordinator.finish_round(server_round, train_replies, accepted, aggregated, evaluations, central,
+                                 time.perf_counter() - started)
+        coordinator.checkpoint(state, strategy_state(strategy))
+        last = coordinator.record["rounds"][-1]
+        log.info("round %d done in %.1fs: %d/%d updates aggregated, federated accuracy %s%s", server_round,
+                 last["timing"]["round_seconds"], len(accepted), len(train_replies),
+                 _fmt(last["evaluate"]["accuracy"]), f", central accuracy {_fmt(central['accuracy'])}" if central else "")
+    coordinator.write_record(status="completed")
+    log.info("run complete: %s", coordinator.dir)
+
+
+def _train_reply(msg: Message, names: dict[int, str]) -> TrainReply:
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        return TrainReply(site=names.get(node, f"node-{node}"), error=msg.error.reason)
+    content = msg.content
+    if "refusal" in content:
+        refusal = content["refusal"]
+        names[node] = str(refusal["site"])
+        return TrainReply(site=names[node], refusal=str(refusal["reason"]))
+    names[node] = str(content["site"]["name"])
+    return TrainReply(site=names[node], arrays={k: a.numpy() for k, a in content["arrays"].items()},
+                      metrics=dict(content["metrics"]))
+
+
+def _evaluate_reply(msg: Message, names: dict[int, str]) -> EvaluateReply:
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        return EvaluateReply(site=names.get(node, f"node-{node}"), error=msg.error.reason)
+    content = msg.content
+    if "refusal" in content:
+        return EvaluateReply(site=str(content["refusal"]["site"]), error=str(content["refusal"]["reason"]))
+    site = content["site"]
+    return EvaluateReply(site=str(site["name"]), metrics=dict(content["metrics"]), groups=json.loads(site["groups"]),
+                         classes=json.loads(site["classes"]))
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
