@@ -25,20 +25,13 @@ import time
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from audit import ATTACK_NORMS, DEFAULT_ATTACKS, DEFAULT_EPS, MINIMUM_NORM_ATTACKS
 from audit.smoothing import Smooth, _device_of, infer_num_classes
 from fedvision.errors import ConfigError, DataError
 
-ATTACK_NORMS = {"fgsm": "Linf", "pgd": "Linf", "pgd-l2": "L2", "cw": "L2", "deepfool": "L2",
-                "autoattack": "Linf", "autoattack-l2": "L2"}
-MINIMUM_NORM_ATTACKS = {"cw", "deepfool"}
-# Cheap enough for the 90-second CPU goal (benchmarks/audit_time.py); add "cw" and "autoattack" for a full run.
-DEFAULT_ATTACKS = ("fgsm", "pgd", "pgd-l2", "deepfool")
-# Include the standard points (RobustBench: L∞ 8/255, L2 0.5) and ε = 0 for the clean-accuracy check.
-DEFAULT_EPS = {"Linf": (0.0, 2 / 255, 8 / 255), "L2": (0.0, 0.25, 0.5)}
 _NORM_ALIASES = {"linf": "Linf", "l_inf": "Linf", "inf": "Linf", "l∞": "Linf", "l2": "L2", "l_2": "L2"}
 
 

@@ -14,12 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from audit.attacks import ATTACK_NORMS, DEFAULT_ATTACKS, DEFAULT_EPS, parse_eps
-from audit.smoothing import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII, PAPER_ALPHA, PAPER_N, PAPER_N0
-from fedvision.errors import ConfigError, DataError
-
-DEFAULT_SIGMA = 0.25
-
+from audit import (ATTACK_NORMS, DEFAULT_ALPHA, DEFAULT_ATTACKS, DEFAULT_EPS, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII,
+                   DEFAULT_SIGMA, PAPER_ALPHA, PAPER_N, PAPER_N0)
+from fedvision.errors import ConfigError, DataError, FedVisionError
 
 @dataclass(frozen=True)
 class Check:
@@ -61,8 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1000, help="noisy copies per forward pass (default: 1000)")
 
     a = p.add_argument_group("attacks")
-    a.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), metavar="ATTACK", help=f"from {', '.join(ATTACK_NORMS)} or all "
-                                          f"(default: {' '.join(DEFAULT_ATTACKS)})")
+    a.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), metavar="ATTACK",
+                   help=f"from {', '.join(ATTACK_NORMS)} or all (default: {' '.join(DEFAULT_ATTACKS)})")
     a.add_argument("--eps", nargs="+", default=None, metavar="EPS",
                    help="ε values for every attack in its own norm (0 2/255 8/255), or per norm "
                         "(linf:0,2/255,8/255 l2:0,0.25,0.5); default: "
@@ -100,6 +97,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
 def robustness_options(args: argparse.Namespace, meta: dict[str, Any]):
     """``RobustnessOptions`` from the command line; σ defaults to the model's training noise."""
+    from audit.attacks import parse_eps
     from audit.robustness import RobustnessOptions
 
     sigma = args.sigma if args.sigma is not None else (meta.get("noise_std") or DEFAULT_SIGMA)
@@ -132,8 +130,14 @@ def _load_data(args: argparse.Namespace, meta: dict[str, Any]):
         from fedvision.data import load_dataset
     except ImportError as e:
         raise DataError(f"cannot load --data: fedvision.data is not available ({e})") from e
-    loaded = load_dataset(args.data, image_size=meta.get("img_size") or 32, channels=meta.get("in_chans", 3),
-                          split=None if args.split == "all" else args.split)
+    try:
+        loaded = load_dataset(args.data, image_size=meta.get("img_size") or 32, channels=meta.get("in_chans", 3),
+                              split=None if args.split == "all" else args.split)
+    except FedVisionError:
+        raise
+    except (OSError, ValueError, LookupError) as e:  # a loader's own error about the user's spec: one line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{args.data}: cannot load split '{args.split}': {reason}") from e
     classes = list(getattr(loaded, "classes", None) or [])
     if classes and len(classes) != meta["num_classes"]:
         raise DataError(f"{args.data}: {len(classes)} classes, but the model was trained for {meta['num_classes']}")

@@ -18,9 +18,10 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from audit.attacks import DEFAULT_ATTACKS, resolve_eps, run_attack_suite, sanity_checks
-from audit.smoothing import (DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII, PAPER_ALPHA, PAPER_N, PAPER_N0,
-                             Smooth, _check_positive, certify_dataset, infer_num_classes, select_indices)
+from audit import (DEFAULT_ALPHA, DEFAULT_ATTACKS, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII, DEFAULT_SIGMA, PAPER_ALPHA,
+                   PAPER_N, PAPER_N0)
+from audit.attacks import resolve_eps, run_attack_suite, sanity_checks
+from audit.smoothing import Smooth, _check_positive, certify_dataset, infer_num_classes, select_indices
 from fedvision.errors import ConfigError
 from fedvision.io import atomic_write_json, atomic_write_text
 
@@ -33,7 +34,7 @@ STANDARD_EPS = {"Linf": 8 / 255, "L2": 0.5}
 class RobustnessOptions:
     """Everything the robustness audit can be told; the defaults meet the 90-second CPU goal for 100 images."""
 
-    sigma: float = 0.25  # noise level of the smoothed classifier (use the σ the model was trained with)
+    sigma: float = DEFAULT_SIGMA  # noise level of the smoothed classifier (use the σ the model was trained with)
     n0: int = DEFAULT_N0  # CERTIFY selection samples
     n: int = DEFAULT_N  # CERTIFY estimation samples (paper: 100,000)
     alpha: float = DEFAULT_ALPHA  # failure probability of each certificate
@@ -69,6 +70,9 @@ class RobustnessOptions:
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
         self.attacks = tuple(self.attacks)
         self.radii = tuple(self.radii)
+        if not self.radii or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
+                                 or r < 0 for r in self.radii):
+            raise ConfigError(f"radii must be numbers ≥ 0, got {list(self.radii)!r}")
         resolve_eps(self.eps, self.attacks)  # validates names and ε values now, before any work
 
     @classmethod

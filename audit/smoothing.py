@@ -18,15 +18,8 @@ import torch
 import torch.nn as nn
 from scipy.stats import beta, binomtest, norm
 
+from audit import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII
 from fedvision.errors import ConfigError, DataError
-
-# The paper's protocol (Section 4): n0 selection samples, n estimation samples, failure probability α.
-PAPER_N0, PAPER_N, PAPER_ALPHA = 100, 100_000, 0.001
-# Cheaper default, sized so that certifying 100 32×32 images of the demo CNN and attacking them fits 90 s
-# on 2 CPU cores (benchmarks/audit_time.py). n caps the certifiable radius at σ·Φ⁻¹(α^(1/n)) ≈ 1.70σ
-# (paper's n: 3.81σ); n0 only picks the class to certify, so a small n0 costs abstentions, never soundness.
-DEFAULT_N0, DEFAULT_N, DEFAULT_ALPHA = 20, 150, 0.001
-DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class Smooth:
@@ -81,14 +74,15 @@ class Smooth:
 
     def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
         """Class counts of f on ``num`` draws of x + N(0, σ²I), evaluated ``batch_size`` at a time."""
-        x = torch.as_tensor(x).to(self.device, torch.float32)
+        x = torch.as_tensor(x).to(self.device, _dtype_of(self.base_classifier))
         counts = np.zeros(self.num_classes, dtype=np.int64)
         with torch.inference_mode():
             for _ in range(math.ceil(num / batch_size)):
                 this_batch_size = min(batch_size, num)
                 num -= this_batch_size
                 batch = x.expand(this_batch_size, *x.shape)
-                noise = torch.randn(batch.shape, generator=self.generator, device=self.device) * self.sigma
+                noise = self.sigma * torch.randn(batch.shape, generator=self.generator, device=self.device,
+                                                 dtype=x.dtype)
                 predictions = self.base_classifier(_fast_layout(batch + noise)).argmax(1)
                 counts += self._count_arr(predictions)
         return counts
@@ -188,6 +182,11 @@ def infer_num_classes(model: nn.Module, x: torch.Tensor) -> int:
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    param = next(model.parameters(), None)
+    return param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
 
 
 def _fast_layout(batch: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@
 Goal: ≤ 90 s on 2 CPU cores. The model is trained for a few seconds with Gaussian noise augmentation
 (σ = 0.25) on a synthetic two-class task, so it is accurate and behaves like the demo model under noise
 (an untrained model would make attacks and smoothing look cheaper than they are).
+On a machine shared with other jobs, 2 OpenMP threads can be several times slower than 1 (threads spin
+waiting for a busy core); the load average is printed so the number can be read in context.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/audit_time.py [--images 100] [--threads 2]
 """
@@ -11,6 +13,7 @@ Goal: ≤ 90 s on 2 CPU cores. The model is trained for a few seconds with Gauss
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -64,11 +67,14 @@ def main() -> None:
         if key in seen:
             continue
         seen.add(key)
+        smoothed = row.get("smoothed_robust_accuracy", float("nan"))
         print(f"  {row['name']:>10} ε={row['eps']:.4g} steps={row['steps']}: robust {row['robust_accuracy']:.2f} "
-              f"(attack {row['seconds']:.1f} s); smoothed robust {row.get('smoothed_robust_accuracy', float('nan')):.2f}")
+              f"(attack {row['seconds']:.1f} s); smoothed robust {smoothed:.2f}")
     failed = result["summary"]["sanity_checks_failed"]
     print(f"sanity checks: {'all passed' if not failed else failed}")
-    print(f"TOTAL audit time: {total:.1f} s on {torch.get_num_threads()} threads (goal ≤ 90 s)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"TOTAL audit time: {total:.1f} s on {torch.get_num_threads()} threads (goal ≤ 90 s); "
+          f"1-minute load average {load:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

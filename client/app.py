@@ -8,11 +8,13 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedvision.logs import setup_logging
 from fedvision.config import NodeConfig, RunConfig
 from fedvision.errors import FedVisionError
 from fedvision.site import Site
 
 log = logging.getLogger("fedvision.site")
+setup_logging()
 app = ClientApp()
 
 

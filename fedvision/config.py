@@ -8,6 +8,7 @@ raises ``ConfigError`` naming the key.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
@@ -58,12 +59,16 @@ class RunConfig:
                                _non_negative, "≥ 0")
     max_update_norm: float = _opt("reject updates whose L2 distance to the global model exceeds this (0 = off)",
                                   100.0, _non_negative, "≥ 0")
+    max_norm_ratio: float = _opt("reject updates whose norm exceeds this multiple of the round's median "
+                                 "(needs ≥ 3 updates; 0 = off)", 10.0, _non_negative, "≥ 0")
     # -- model and data ------------------------------------------------------------------------------------
     model: str = _opt("timm model name or fedvision_cnn / fedvision_swin", "fedvision_cnn")
     image_size: int = _opt("images are resized to image-size × image-size", 32, lambda v: v >= 4, "≥ 4")
     channels: int = _opt("image channels (1 or 3)", 3, lambda v: v in (1, 3), "1 or 3")
     dataset: str = _opt("simulation: the dataset spec partitioned among simulated sites", "synthetic-derm:0")
     partitioning: str = _opt("simulation: iid, dirichlet:ALPHA or by:COLUMN", "by:site")
+    classes: str = _opt("comma-separated class names in label order ('' = from the data); set it when sites "
+                         "read their own manifests, so every site maps labels to the same indices", "")
     test_dataset: str = _opt("held-out data for central evaluation each round ('' = none)", "")
     local_test_fraction: float = _opt("share of a site's data held out for its local evaluation", 0.2,
                                       lambda v: 0 <= v < 1, "in [0, 1)")
@@ -97,6 +102,13 @@ class RunConfig:
 
     def to_mapping(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        names = tuple(s.strip() for s in self.classes.split(",") if s.strip())
+        if names and len(names) < 2:
+            raise ConfigError("run config: 'classes' needs at least two class names")
+        return names or None
 
     @property
     def sensitive_attributes(self) -> list[str]:
@@ -169,7 +181,7 @@ def _build(cls, values: Mapping[str, Any], where: str):
     for key, value in values.items():
         f = known.get(key) or known.get(str(key).replace("_", "-"))
         if f is None:
-            close = [k for k in known if k.split("-")[0] == str(key).split("-")[0]]
+            close = difflib.get_close_matches(str(key).replace("_", "-"), list(known), n=2)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{where}: unknown key '{key}'{hint}")
         kwargs[f.name] = _coerce(f, value, f"{where}: '{f.name.replace('_', '-')}'")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import fedvision
-from fedvision.config import RunConfig, named_split
+from fedvision.config import RunConfig
 from fedvision.errors import ConfigError, UpdateRejected
 from fedvision.io import atomic_write, atomic_write_json
 from fedvision.models import create_model, save_model
@@ -118,12 +118,13 @@ class Coordinator:
 
     def _num_classes(self) -> int:
         if not hasattr(self, "_classes"):
-            from fedvision.data import load_dataset
+            from fedvision.site import load_for_run
 
-            spec = self.run.test_dataset or self.run.dataset
-            self._classes = list(load_dataset(spec, image_size=self.run.image_size, channels=self.run.channels,
-                                              split=named_split(spec, "test" if self.run.test_dataset else "train"))
-                                 .classes)
+            names = self.run.class_names
+            if names is None:
+                spec = self.run.test_dataset or self.run.dataset
+                names = load_for_run(self.run, spec, "test" if self.run.test_dataset else "train").classes
+            self._classes = list(names)
         return len(self._classes)
 
     def start(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -153,22 +154,30 @@ class Coordinator:
     def screen(self, server_round: int, replies: list[TrainReply], global_state: dict[str, torch.Tensor]) -> list[int]:
         """Indices of the replies to aggregate; everything else is logged once and recorded with its reason."""
         reference = {k: v.numpy() for k, v in global_state.items()}
-        accepted = []
+        valid: dict[int, float] = {}
         for i, reply in enumerate(replies):
             if reply.error is not None:
                 self._note("failed", server_round, reply.site, reply.error)
-                continue
-            if reply.refusal is not None:
+            elif reply.refusal is not None:
                 self._note("refused", server_round, reply.site, reply.refusal)
-                continue
-            try:
-                norm = validate_update(reference, reply.arrays or {}, self.run.max_update_norm)
-            except UpdateRejected as e:
-                self._note("rejected", server_round, reply.site, str(e))
-                continue
-            reply.metrics["update-norm"] = norm
-            accepted.append(i)
-        return accepted
+            else:
+                try:
+                    valid[i] = validate_update(reference, reply.arrays or {}, self.run.max_update_norm)
+                except UpdateRejected as e:
+                    self._note("rejected", server_round, reply.site, str(e))
+        # Norm outliers: with three or more valid updates, one far larger than the round's median is a scaled
+        # (boosted) update even when it stays below the absolute bound.
+        if len(valid) >= 3 and self.run.max_norm_ratio:
+            median = float(np.median(list(valid.values())))
+            for i, norm in list(valid.items()):
+                if median > 0 and norm > self.run.max_norm_ratio * median:
+                    self._note("rejected", server_round, replies[i].site,
+                               f"update norm {norm:.3g} is {norm / median:.0f}× the round's median {median:.3g} "
+                               f"(max-norm-ratio {self.run.max_norm_ratio:g})")
+                    del valid[i]
+        for i, norm in valid.items():
+            replies[i].metrics["update-norm"] = norm
+        return sorted(valid)
 
     def _note(self, kind: str, server_round: int, site: str, reason: str) -> None:
         log.warning("round %d: %s %s: %s", server_round, site, kind, reason)
@@ -234,12 +243,12 @@ class Coordinator:
     def central_evaluate(self, global_state: dict[str, torch.Tensor]) -> dict[str, float] | None:
         if not self.run.test_dataset:
             return None
-        from fedvision.data import load_dataset
         from fedvision.train import evaluate
 
         if not hasattr(self, "_test"):
-            self._test = load_dataset(self.run.test_dataset, image_size=self.run.image_size,
-                                      channels=self.run.channels, split=named_split(self.run.test_dataset, "test"))
+            from fedvision.site import load_for_run
+
+            self._test = load_for_run(self.run, self.run.test_dataset, "test")
         model = create_model(self.run.model, len(self._classes), in_chans=self.run.channels,
                              img_size=self.run.image_size, dp=self.run.dp)
         model.load_state_dict(global_state)

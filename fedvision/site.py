@@ -41,12 +41,18 @@ def train_config(run: RunConfig, num_examples: int, epsilon_budget: float, delta
                        planned_steps=planned, noise_std=run.noise_std, proximal_mu=proximal_mu, seed=run.seed)
 
 
+def load_for_run(run: RunConfig, spec: str, split: str) -> Any:
+    """Load ``spec`` as the run sees data: its image size, channels and (when configured) class order."""
+    return _load(spec, run.image_size, run.channels, named_split(spec, split), run.class_names)
+
+
 @functools.lru_cache(maxsize=4)
-def _load(spec: str, image_size: int, channels: int, split: str | None):
+def _load(spec: str, image_size: int, channels: int, split: str | None, classes: tuple[str, ...] | None):
     # Simulated sites run as Ray actors that live across rounds: load each dataset once per process.
     from fedvision.data import load_dataset
 
-    return load_dataset(spec, image_size=image_size, channels=channels, split=split)
+    return load_dataset(spec, image_size=image_size, channels=channels, split=split,
+                        classes=list(classes) if classes else None)
 
 
 def _local_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +81,7 @@ class Site:
         if node.simulated:
             if node.partition_id >= node.num_partitions:
                 raise ConfigError(f"node config: 'partition-id' {node.partition_id} ≥ 'num-partitions'")
-            full = _load(run.dataset, run.image_size, run.channels, named_split(run.dataset, "train"))
+            full = load_for_run(run, run.dataset, "train")
             parts = partition(full, run.partitioning, node.num_partitions, seed=run.seed)
             data = subset(full, parts[node.partition_id])
             name = f"site-{node.partition_id + 1}"
@@ -86,12 +92,12 @@ class Site:
                 raise ConfigError("node config: 'data' is required (e.g. data=manifest:/data/site/manifest.csv)")
             if not node.state_dir:
                 raise ConfigError("node config: 'state-dir' is required (where the site keeps its privacy ledger)")
-            data = _load(node.data, run.image_size, run.channels, None)
+            data = load_for_run(run, node.data, "train")
             state_dir = Path(node.state_dir)
             name = node.site_name or state_dir.resolve().name
             budget = node.epsilon_budget or run.epsilon_budget
         if node.test_data:
-            test = _load(node.test_data, run.image_size, run.channels, None)
+            test = load_for_run(run, node.test_data, "test")
             train = data
         elif run.local_test_fraction > 0 and len(data) >= 10:
             tr, te = _local_split(len(data), run.local_test_fraction, run.seed)

@@ -10,11 +10,13 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from fedvision.logs import setup_logging
 from fedvision.config import RunConfig
 from fedvision.federation import Coordinator, EvaluateReply, TrainReply
 from server.strategy import build_strategy, restore_strategy_state, strategy_state
 
 log = logging.getLogger("fedvision.coordinator")
+setup_logging()
 app = ServerApp()
 
 

@@ -280,6 +280,22 @@ def test_sanity_checks_flag_violations():
     assert tolerant["monotone_in_eps"] and not tolerant["pgd_not_weaker_than_fgsm"]  # a rise of 0.1 is tolerated
 
 
+def test_a_randomized_model_is_flagged_not_hidden(digits, plain_model):
+    class RandomizedDefense(nn.Module):  # noise inside the forward pass: a classic source of gradient masking
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x + 0.4 * torch.randn_like(x))
+
+    x, y = digits[1].tensors
+    rows = run_attack_suite(RandomizedDefense(plain_model), x[:60], y[:60], ["fgsm", "pgd"], [0, 0.05, 0.1],
+                            num_classes=10, progress=False)
+    failed = [c for c in sanity_checks(rows) if not c["passed"]]
+    assert any(c["check"] == "eps0_equals_clean" for c in failed), sanity_checks(rows)
+
+
 def test_autoattack_runs_the_standard_ensemble(digits, plain_model):
     x, y = digits[1].tensors
     rows = run_attack_suite(plain_model, x[:40], y[:40], ["pgd", "autoattack"], [0, 0.15], progress=False,
@@ -343,7 +359,8 @@ def test_run_robustness_audit_writes_json_and_csv(tmp_path, digits, noisy_model)
     assert len(saved["attacks"]["rows"]) == len(result["attacks"]["rows"])
     with open(tmp_path / "out" / "certification.csv") as f:
         cert_rows = list(csv.DictReader(f))
-    assert len(cert_rows) == 20 and {"index", "label", "prediction", "radius", "correct", "seconds"} <= set(cert_rows[0])
+    assert len(cert_rows) == 20
+    assert {"index", "label", "prediction", "radius", "correct", "seconds"} <= set(cert_rows[0])
     with open(tmp_path / "out" / "attacks.csv") as f:
         assert len(list(csv.DictReader(f))) == len(result["attacks"]["rows"])
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -356,6 +373,8 @@ def fake_loader(monkeypatch, digits):
 
     def load_dataset(spec, image_size=32, channels=3, split=None):
         calls.append((spec, image_size, channels, split))
+        if spec == "folder:/nowhere":  # a loader's non-fedvision error still becomes one line
+            raise FileNotFoundError(2, "No such file or directory", "/nowhere")
         if spec != "digits":
             raise DataError(f"unknown dataset spec '{spec}'")
         return types.SimpleNamespace(dataset=digits[1], attributes=None, classes=[str(i) for i in range(10)])
@@ -398,7 +417,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, fake_loader, plain_model):
     for argv in (["audit", "--model", str(tmp_path / "missing.pt"), "--data", "digits", "--out", str(tmp_path)],
                  [*base, "--eps", "eight"], [*base, "--eps", "linf:-1"], [*base, "--paper-protocol", "--n", "10"],
                  [*base, "--attacks", "pgd", "laser"], [*base, "--checks", "vibes"], [*base, "--sigma", "0"],
-                 [*base[:4], "nonsense", *base[5:]]):
+                 [*base[:4], "nonsense", *base[5:]], [*base[:4], "folder:/nowhere", *base[5:]]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("fedvision: error: ") and err.count("\n") == 1, err

@@ -448,3 +448,14 @@ def test_inspect_report(capsys):
     assert "exact duplicates: 0 removed" in out and "class weights" in out
     assert main(["data", "inspect", "digits", "--json"]) == 0
     assert '"num_samples": 1797' in capsys.readouterr().out
+
+
+
+def test_exif_rotation_is_applied(tmp_path: Path):
+    from fedvision.data.sources import read_image_file
+
+    image = Image.fromarray(np.zeros((20, 60, 3), dtype=np.uint8))  # stored 60 wide, 20 high
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: shown rotated by 90°
+    image.save(tmp_path / "photo.jpg", exif=exif)
+    assert read_image_file(tmp_path / "photo.jpg").size == (20, 60)  # as a viewer shows it

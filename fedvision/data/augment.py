@@ -1,8 +1,9 @@
 """Seeded training-time augmentation: random crop with padding, colour jitter, horizontal flip.
 
 Applied per sample in ``ImageDataset.__getitem__``. The random draws for a sample depend only on
-(seed, sample index, how many times that sample has been drawn), not on the order in which a sampler visits
-samples, so a run is reproducible under shuffling or Poisson sampling and every epoch sees fresh draws.
+(seed, sample index, how many times that sample has been drawn, and the epoch set by
+``ImageDataset.set_epoch``), not on the order in which a sampler visits samples, so a run is reproducible
+under shuffling or Poisson sampling and every epoch sees fresh draws.
 """
 
 from __future__ import annotations
@@ -13,21 +14,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedvision.errors import DataError
+
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Augmentation settings; ``None``-free so the settings can be recorded in a run summary as they are."""
+    """Augmentation strengths and seed (plain numbers, so they can be recorded in a run summary)."""
 
-    seed: int = 0
+    seed: int = 0  # non-negative
     crop_padding: float = 0.125  # padding as a fraction of the image side (4 px at 32×32), reflect-padded
     brightness: float = 0.2  # multiplicative factor drawn from [1 - b, 1 + b]
     contrast: float = 0.2
     saturation: float = 0.2
     flip_probability: float = 0.5
 
-    def apply(self, image: torch.Tensor, index: int, draw: int) -> torch.Tensor:
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise DataError(f"augmentation seed must be a non-negative integer, got {self.seed!r}")
+
+    def apply(self, image: torch.Tensor, index: int, draw: int, epoch: int = 0) -> torch.Tensor:
         """Augment one float image (C, H, W) in [0, 1]; ``draw`` counts earlier draws of this sample."""
-        rng = np.random.default_rng((self.seed, index, draw))
+        rng = np.random.default_rng((self.seed, index, epoch, draw))
         flip, jitter, offsets = rng.random(), rng.uniform(-1.0, 1.0, size=3), rng.random(2)
         x = image
         if flip < self.flip_probability:

@@ -34,6 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--min-resolution", type=int, default=None, metavar="N",
                          help="drop images whose shorter original side is below N pixels")
     inspect.add_argument("--dedup", choices=("exact", "near"), default=None, help="drop duplicate images")
+    inspect.add_argument("--near-threshold", type=int, default=None, metavar="BITS",
+                         help="dHash Hamming distance for --dedup near (default 6 of 64)")
     inspect.add_argument("--dicom-window", default=None, metavar="CENTER,WIDTH", help="override DICOM windowing")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(handler=run_inspect)
@@ -60,9 +62,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     from fedvision.data.sources import load_dataset
 
+    threshold = {} if args.near_threshold is None else {"near_threshold": args.near_threshold}
     loaded = load_dataset(args.spec, image_size=args.image_size, channels=args.channels, skip_bad=args.skip_bad,
                           split=args.split, classes=_split_list(args.classes), dicom_window=_window(args.dicom_window),
-                          min_resolution=args.min_resolution, dedup=args.dedup)
+                          min_resolution=args.min_resolution, dedup=args.dedup, **threshold)
     if args.json:
         summary = dict(loaded.summary, attributes=_attribute_summary(loaded.attributes))
         print(json.dumps(summary, indent=2, default=_json_default))
@@ -140,8 +143,10 @@ def format_report(loaded) -> str:
         lines.append(f"  {column}: {text}{missing}")
     lines.append(f"skipped:  {summary['num_skipped']}")
     shown = 20
+    by_row = summary["spec"].startswith("manifest:")  # other sources are named by file or array index
     for item in summary["skipped"][:shown]:
-        lines.append(f"  row {item['row']}: {item['file']}: {item['reason']}")
+        row = f"row {item['row']}: " if by_row else ""
+        lines.append(f"  {row}{item['file']}: {item['reason']}")
     if summary["num_skipped"] > shown:
         lines.append(f"  ... and {summary['num_skipped'] - shown} more")
     if summary.get("ignored_files"):
@@ -155,9 +160,11 @@ def format_report(loaded) -> str:
         lines.append("  duplicates: not checked")
     else:
         lines.append(f"  exact duplicates: {hygiene['exact_duplicates']} removed")
+        lines += [f"    rows {i} and {j}" for i, j in hygiene["exact_duplicate_pairs"][:shown]]
         if hygiene["dedup"] == "near":
             lines.append(f"  near duplicates (dHash ≤ {hygiene['near_threshold']} bits): "
-                         f"{hygiene['near_duplicates']} removed, {len(hygiene['near_duplicate_pairs'])} pairs")
+                         f"{hygiene['near_duplicates']} removed, {hygiene['near_duplicate_pair_count']} pairs")
+            lines += [f"    rows {i} and {j}" for i, j in hygiene["near_duplicate_pairs"][:shown]]
         if hygiene["duplicate_label_conflicts"]:
             lines.append(f"  duplicate pairs with different labels: {hygiene['duplicate_label_conflicts']}")
     lines.append(f"  unknown labels: {hygiene['unknown_labels']}")

@@ -31,6 +31,14 @@ class ImageDataset(Dataset):
         self.augmentation = augmentation
         # Per-sample draw counters make augmentation independent of the sampler's visiting order.
         self._draws = np.zeros(len(labels), dtype=np.int64)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fold ``epoch`` into the augmentation draws. Needed only with DataLoader worker processes that are
+        not persistent: each epoch's workers start from a copy of this object, so their draw counters restart."""
+        if int(epoch) < 0:
+            raise DataError(f"epoch must be ≥ 0, got {epoch}")
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -41,13 +49,13 @@ class ImageDataset(Dataset):
         if self.augmentation is not None:
             draw = int(self._draws[i])
             self._draws[i] += 1
-            image = self.augmentation.apply(image, i if i >= 0 else i + len(self), draw)
+            image = self.augmentation.apply(image, i if i >= 0 else i + len(self), draw, self.epoch)
         return image, int(self.labels[i])
 
     def select(self, indices: np.ndarray) -> "ImageDataset":
         """A new dataset with the samples at ``indices`` (copied), the same augmentation settings."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        return ImageDataset(self.images[idx].clone(), self.labels[idx].clone(), self.augmentation)
+        return ImageDataset(self.images[idx], self.labels[idx], self.augmentation)  # indexing copies
 
 
 @dataclass

@@ -13,14 +13,14 @@ import hashlib
 import io
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fedvision.data.augment import Augmentation
 from fedvision.data.dataset import ImageDataset, LoadedDataset, class_counts
@@ -77,83 +77,35 @@ def load_dataset(spec: str, image_size: int = 32, channels: int = 3, skip_bad: b
     duplicates within ``near_threshold`` bits; ``augment`` turns on seeded random crop/jitter/flip.
     """
     _check_arguments(image_size, channels, min_resolution, dedup, near_threshold, max_pixels, dicom_window)
+    augmentation = Augmentation(seed=augment_seed) if augment else None  # checks the seed before the slow part
     source = open_source(spec, split=split, image_size=image_size, dicom_window=dicom_window, max_pixels=max_pixels)
     class_names, label_of = _label_mapping(source, classes)
-
-    skipped: list[dict[str, Any]] = []
-    unknown_labels = 0
-    low_resolution_rows: list[int] = []
-    kept_items: list[SourceItem] = []
-    kept_positions: list[int] = []
-    labels: list[int] = []
-    arrays: list[np.ndarray] = []
-    digests: list[str] = []
-    hashes: list[int] = []
-
-    def reject(item: SourceItem, reason: str) -> None:
-        if not skip_bad:
-            raise DataError(f"{item.where}: {reason}")
-        skipped.append({"row": item.row, "file": item.file, "reason": reason})
-
-    for position, item in enumerate(source.items):
-        if item.label is None:
-            reject(item, "empty label")
-            continue
-        label = label_of(item.label)
-        if label is None:
-            unknown_labels += 1
-            reject(item, f"label {item.label!r} is not one of the classes ({', '.join(class_names)})")
-            continue
-        try:
-            image = item.read()
-            width, height = image.size
-            if min_resolution is not None and min(width, height) < min_resolution:
-                low_resolution_rows.append(item.row)
-                continue
-            array = image_to_array(image, channels, image_size)
-            if dedup is not None:
-                digests.append(pixel_sha256(image))
-                if dedup == "near":
-                    hashes.append(dhash(image))
-        except DataError as e:
-            reject(item, str(e))
-            continue
-        kept_items.append(item)
-        kept_positions.append(position)
-        labels.append(label)
-        arrays.append(array)
-
+    decoded = _decode_all(source, label_of, class_names, channels, image_size, skip_bad, min_resolution, dedup)
     duplicates = None
-    if dedup is not None and kept_items:
-        duplicates = find_duplicates([it.row for it in kept_items], labels, digests,
-                                     hashes if dedup == "near" else None, near_threshold)
-        drop = set(duplicates.exact_removed) | set(duplicates.near_removed)
-        keep = [i for i in range(len(kept_items)) if i not in drop]
-        kept_items = [kept_items[i] for i in keep]
-        kept_positions = [kept_positions[i] for i in keep]
-        labels = [labels[i] for i in keep]
-        arrays = [arrays[i] for i in keep]
+    if dedup is not None and decoded.items:
+        duplicates = find_duplicates([item.row for item in decoded.items], decoded.labels, decoded.digests,
+                                     decoded.hashes if dedup == "near" else None, near_threshold)
+        decoded.drop(set(duplicates.exact_removed) | set(duplicates.near_removed))
+    if not decoded.items:
+        raise DataError(_empty_message(source, decoded.skipped, len(decoded.low_resolution_rows), duplicates))
 
-    if not kept_items:
-        raise DataError(_empty_message(source, skipped, len(low_resolution_rows), duplicates))
-
-    label_array = np.asarray(labels, dtype=np.int64)
-    dataset = ImageDataset(torch.from_numpy(np.stack(arrays)), torch.from_numpy(label_array),
-                           Augmentation(seed=augment_seed) if augment else None)
-    attributes = source.attributes.iloc[kept_positions].reset_index(drop=True)
+    labels = np.asarray(decoded.labels, dtype=np.int64)
+    dataset = ImageDataset(torch.from_numpy(np.stack(decoded.arrays)), torch.from_numpy(labels), augmentation)
+    attributes = source.attributes.iloc[decoded.positions].reset_index(drop=True)
     hygiene = {
         "min_resolution": min_resolution,
-        "low_resolution": len(low_resolution_rows),
-        "low_resolution_rows": low_resolution_rows,
+        "low_resolution": len(decoded.low_resolution_rows),
+        "low_resolution_rows": decoded.low_resolution_rows,
         "dedup": dedup,
         "near_threshold": near_threshold if dedup == "near" else None,
         "exact_duplicates": len(duplicates.exact_removed) if duplicates else 0,
         "exact_duplicate_pairs": duplicates.exact_pairs[:MAX_REPORTED_PAIRS] if duplicates else [],
         "near_duplicates": len(duplicates.near_removed) if duplicates else 0,
         "near_duplicate_pairs": duplicates.near_pairs[:MAX_REPORTED_PAIRS] if duplicates else [],
+        "near_duplicate_pair_count": len(duplicates.near_pairs) if duplicates else 0,
         "duplicate_label_conflicts": duplicates.label_conflicts if duplicates else 0,
-        "unknown_labels": unknown_labels,
-        "class_weights": class_weights(label_array, len(class_names)),
+        "unknown_labels": decoded.unknown_labels,
+        "class_weights": class_weights(labels, len(class_names)),
         "augment": augment,
     }
     source_text = source.description + (f" split={split}" if split else "") + \
@@ -164,17 +116,81 @@ def load_dataset(spec: str, image_size: int = 32, channels: int = 3, skip_bad: b
         "sha256": source.sha256,
         "split": split,
         "num_rows": len(source.items),
-        "num_samples": len(kept_items),
+        "num_samples": len(labels),
         "num_classes": len(class_names),
-        "class_counts": class_counts(label_array, class_names),
+        "class_counts": class_counts(labels, class_names),
         "image_shape": [channels, image_size, image_size],
-        "num_skipped": len(skipped),
-        "skipped": skipped,
+        "num_skipped": len(decoded.skipped),
+        "skipped": decoded.skipped,
         "ignored_files": source.ignored_files,
         "hygiene": hygiene,
     }
     return LoadedDataset(dataset=dataset, attributes=attributes, classes=class_names, summary=summary,
                          source=source_text)
+
+
+@dataclass
+class _Decoded:
+    """Samples that survived decoding, in source order, with what was learned on the way."""
+
+    items: list[SourceItem] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # index into source.items (and source.attributes)
+    labels: list[int] = field(default_factory=list)
+    arrays: list[np.ndarray] = field(default_factory=list)  # uint8 (C, H, W)
+    digests: list[str] = field(default_factory=list)  # pixel sha256, when deduplicating
+    hashes: list[int] = field(default_factory=list)  # dHash, when deduplicating near copies
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    unknown_labels: int = 0
+    low_resolution_rows: list[int] = field(default_factory=list)
+
+    def drop(self, positions: set[int]) -> None:
+        keep = [i for i in range(len(self.items)) if i not in positions]
+        for name in ("items", "positions", "labels", "arrays"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in keep])
+
+
+def _decode_all(source: Source, label_of: Callable[[Any], int | None], class_names: list[str], channels: int,
+                image_size: int, skip_bad: bool, min_resolution: int | None, dedup: str | None) -> _Decoded:
+    out = _Decoded()
+
+    def reject(item: SourceItem, reason: str) -> None:
+        if not skip_bad:
+            raise DataError(f"{item.where}: {reason}")
+        out.skipped.append({"row": item.row, "file": item.file, "reason": reason})
+
+    for position, item in enumerate(source.items):
+        if item.label is None:
+            reject(item, "empty label")
+            continue
+        label = label_of(item.label)
+        if label is None:
+            out.unknown_labels += 1
+            reject(item, f"label {item.label!r} is not one of the classes ({', '.join(class_names)})")
+            continue
+        try:
+            image = item.read()
+            if min_resolution is not None and min(image.size) < min_resolution:  # the original size
+                out.low_resolution_rows.append(item.row)
+                continue
+            array = image_to_array(image, channels, image_size)
+            digest = pixel_sha256(image) if dedup is not None else None
+            perceptual = dhash(image) if dedup == "near" else None
+        except DataError as e:
+            reject(item, str(e))
+            continue
+        except Exception as e:  # anything a third-party decoder throws is still this file's problem
+            reject(item, f"cannot process image ({one_line(e)})")
+            continue
+        out.items.append(item)
+        out.positions.append(position)
+        out.labels.append(label)
+        out.arrays.append(array)
+        if digest is not None:
+            out.digests.append(digest)
+        if perceptual is not None:
+            out.hashes.append(perceptual)
+    return out
 
 
 def _check_arguments(image_size, channels, min_resolution, dedup, near_threshold, max_pixels, dicom_window) -> None:
@@ -551,6 +567,8 @@ def _read_pillow(path: Path, max_pixels: int) -> Image.Image:
             if width * height > max_pixels:
                 raise DataError(_too_large(width, height, max_pixels))
             image.load()
+            # Camera JPEGs store rotation in EXIF; apply it so the pixels are what a viewer shows.
+            ImageOps.exif_transpose(image, in_place=True)
             return image
     except DataError:
         raise
