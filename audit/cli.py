@@ -138,9 +138,13 @@ def _load_data(args: argparse.Namespace, meta: dict[str, Any]):
     except (OSError, ValueError, LookupError) as e:  # a loader's own error about the user's spec: one line
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{args.data}: cannot load split '{args.split}': {reason}") from e
-    classes = list(getattr(loaded, "classes", None) or [])
-    if classes and len(classes) != meta["num_classes"]:
+    classes = [str(c) for c in (getattr(loaded, "classes", None) or [])]
+    if len(classes) > meta["num_classes"]:
         raise DataError(f"{args.data}: {len(classes)} classes, but the model was trained for {meta['num_classes']}")
+    names = [str(c) for c in meta.get("class_names") or []]
+    if classes and names and names != [str(i) for i in range(len(names))] and names[:len(classes)] != classes:
+        # label i must mean the same class to the model and to the data
+        raise DataError(f"{args.data}: classes {classes} do not match the model's {names}")
     if len(loaded.dataset) == 0:
         raise DataError(f"{args.data}: split '{args.split}' has no samples")
     return loaded.dataset
@@ -165,8 +169,9 @@ def _print_robustness(result: dict[str, Any]) -> None:
           f"clean accuracy {s['clean_accuracy']:.3f}")
     print("  certified accuracy: " + "  ".join(f"r={r}: {a:.3f}" for r, a in s["certified_accuracy"].items())
           + f"  (abstained {s['abstain_rate']:.1%})")
-    for norm, w in s["worst_case_robust_accuracy"].items():
-        print(f"  worst-case robust accuracy, {norm} ε={w['eps']:.4g}: {w['robust_accuracy']:.3f} ({w['attack']})")
+    for norm, points in s["worst_case_robust_accuracy"].items():
+        print(f"  worst-case robust accuracy, {norm}: " + "  ".join(
+            f"ε={_show(p['eps'], norm)}: {p['robust_accuracy']:.3f} ({p['attack']})" for p in points if p["eps"] > 0))
     if s["sanity_checks_passed"]:
         print(f"  sanity checks: all {len(result['sanity_checks'])} passed")
     else:

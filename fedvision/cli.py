@@ -1,4 +1,4 @@
-"""The ``fedvision`` command.
+"""fedvision: federated, differentially private training of vision models, and its audit.
 
 Each sub-command lives next to the code it drives and registers itself through ``add_parser(subparsers)``;
 this file only wires them together and turns user errors into one line on stderr and exit code 2.

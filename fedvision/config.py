@@ -218,6 +218,11 @@ def _coerce(f, value: Any, label: str) -> Any:
     return value
 
 
+def config_reference() -> str:
+    """docs/configuration.md's body: both tables (a test checks the file is current)."""
+    return f"## Run config\n\n{describe(RunConfig)}\n\n## Node config\n\n{describe(NodeConfig)}\n"
+
+
 def describe(cls=RunConfig) -> str:
     """Markdown table of every key (for docs and `fedvision run --help-config`)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]

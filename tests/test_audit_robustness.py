@@ -421,6 +421,9 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, fake_loader, plain_model):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("fedvision: error: ") and err.count("\n") == 1, err
+    named = save_model(plain_model, tmp_path / "named.pt", meta={"class_names": list("abcdefghij")})
+    assert main(["audit", "--model", str(named), *base[3:]]) == 2  # label i would mean another class
+    assert "do not match" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -439,3 +442,20 @@ def test_cli_paper_protocol_and_default_sigma(plain_model):
                               "--attacks", "all"])
     options = robustness_options(args, {"noise_std": 0.12})
     assert options.sigma == 0.12 and options.limit is None and "autoattack" in options.attacks
+
+
+def test_cli_audit_with_the_real_digits_loader(tmp_path, capsys, noisy_model):
+    try:
+        from fedvision.data import load_dataset  # noqa: F401  (being written alongside this module)
+    except ImportError:
+        pytest.skip("fedvision.data.load_dataset is not available")
+    from fedvision.cli import main
+    from fedvision.models import save_model
+
+    model_path = save_model(noisy_model, tmp_path / "model.pt", meta={"noise_std": SIGMA})
+    code = main(["audit", "--model", str(model_path), "--data", "digits", "--out", str(tmp_path / "a"),
+                 "--limit", "10", "--n", "50", "--attacks", "fgsm", "--eps", "0", "0.1", "--smooth-limit", "2",
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "a" / "robustness.json").read_text())
+    assert saved["num_samples"] == 10 and saved["summary"]["sanity_checks_passed"]

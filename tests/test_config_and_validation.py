@@ -86,3 +86,12 @@ def test_screen_rejects_norm_outliers_and_records_every_exclusion(tmp_path):
     assert "median" in coordinator.record["rejected"][0]["reason"]
     assert coordinator.record["refused"][0]["site"] == "site-5"
     assert coordinator.record["failed"][0]["site"] == "site-6"
+
+
+def test_configuration_reference_is_current():
+    from pathlib import Path
+
+    from fedvision.config import config_reference
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert config_reference() in doc, "docs/configuration.md is stale: regenerate it from fedvision.config"
