@@ -255,31 +255,24 @@ def _disable_inplace(module: nn.Module) -> None:
 
 def _resnet_basic_forward(self, x: torch.Tensor) -> torch.Tensor:
     """timm BasicBlock.forward with ``x = x + shortcut`` instead of ``x += shortcut``."""
-    shortcut = x
-    x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-    x = self.bn2(self.conv2(x))
-    if self.se is not None:
-        x = self.se(x)
-    if self.drop_path is not None:
-        x = self.drop_path(x)
-    if self.downsample is not None:
-        shortcut = self.downsample(shortcut)
-    return self.act2(x + shortcut)
+    branch = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+    return _add_shortcut(self, self.bn2(self.conv2(branch)), x, self.act2)
 
 
 def _resnet_bottleneck_forward(self, x: torch.Tensor) -> torch.Tensor:
     """timm Bottleneck.forward with ``x = x + shortcut`` instead of ``x += shortcut``."""
-    shortcut = x
-    x = self.act1(self.bn1(self.conv1(x)))
-    x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-    x = self.bn3(self.conv3(x))
-    if self.se is not None:
-        x = self.se(x)
-    if self.drop_path is not None:
-        x = self.drop_path(x)
-    if self.downsample is not None:
-        shortcut = self.downsample(shortcut)
-    return self.act3(x + shortcut)
+    branch = self.act1(self.bn1(self.conv1(x)))
+    branch = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(branch)))))
+    return _add_shortcut(self, self.bn3(self.conv3(branch)), x, self.act3)
+
+
+def _add_shortcut(block: nn.Module, branch: torch.Tensor, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    if block.se is not None:
+        branch = block.se(branch)
+    if block.drop_path is not None:
+        branch = block.drop_path(branch)
+    shortcut = block.downsample(x) if block.downsample is not None else x
+    return act(branch + shortcut)
 
 
 class _DPBasicBlock(BasicBlock):
