@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedvision.config import NodeConfig, RunConfig, named_split
-from fedvision.errors import BudgetExceededError, ConfigError
+from fedvision.errors import ConfigError
 from fedvision.io import atomic_write
 from fedvision.models import create_model
 from fedvision.privacy import PrivacyLedger
@@ -245,5 +245,3 @@ def poison(state: StateDict, global_state: StateDict, attack: str, seed: int = 0
             raise ConfigError(f"unknown simulated attack {attack!r}")
     return out
 
-
-__all__ = ["Site", "train_config", "confusion_counts", "poison", "BudgetExceededError"]
