@@ -18,6 +18,9 @@ from fedvision.errors import BudgetExceededError, ConfigError, ModelError
 # Opacus hooks the first layer too, whose input (the image) needs no gradient; torch warns about it on every
 # backward pass although the per-sample gradients are unaffected.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+# functorch (Opacus's fallback for ViT's class token and position embedding) has no batching rule for CPU flash
+# attention: per-sample gradients are right, only slower; the warning would repeat on every step.
+warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
 
 ACCOUNTANT = "rdp"  # PRV (Opacus's default) can fail with "Discrete mean differs"; RDP is robust and standard.
 

@@ -104,7 +104,7 @@ def test_site_with_too_small_budget_is_refused_and_the_run_goes_on(tmp_path):
     assert rec["status"] == "completed"
     assert {r["site"] for r in rec["refused"]} == {"site-1"} and len(rec["refused"]) == 2
     assert "too small" in rec["refused"][0]["reason"]
-    assert all(r["accepted"] == ["site-2", "site-3"] for r in rec["rounds"])
+    assert all(sorted(r["accepted"]) == ["site-2", "site-3"] for r in rec["rounds"])  # replies arrive in any order
     assert PrivacyLedger(out / "sites" / "site-1" / "ledger.json").entries == []
 
 
