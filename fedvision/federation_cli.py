@@ -199,4 +199,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the whole flow on bundled data: 3 DP sites, then the audit report")
     d.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     d.add_argument("--quick", action="store_true", help="fewer rounds (about 3 minutes on 2 cores)")
-    d.set_defaults(handler=lambda a: demo(a.out, a.quick) and 0)
+    d.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    demo(args.out, args.quick)
+    return 0
