@@ -116,6 +116,14 @@ class Coordinator:
         return create_model(self.run.model, self._num_classes(), in_chans=self.run.channels,
                             img_size=self.run.image_size, dp=self.run.dp)
 
+    def _model_with(self, global_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """One model object for the whole run, loaded with ``global_state`` (creation runs a DP probe)."""
+        if not hasattr(self, "_model"):
+            self._model = create_model(self.run.model, len(self._classes), in_chans=self.run.channels,
+                                       img_size=self.run.image_size, dp=self.run.dp)
+        self._model.load_state_dict(global_state)
+        return self._model
+
     def _num_classes(self) -> int:
         if not hasattr(self, "_classes"):
             from fedvision.site import load_for_run
@@ -225,10 +233,7 @@ class Coordinator:
         self.write_record()
 
     def save_model(self, global_state: dict[str, torch.Tensor]) -> None:
-        model = create_model(self.run.model, len(self._classes), in_chans=self.run.channels,
-                             img_size=self.run.image_size, dp=self.run.dp)
-        model.load_state_dict(global_state)
-        save_model(model, self.dir / GLOBAL_MODEL, {
+        save_model(self._model_with(global_state), self.dir / GLOBAL_MODEL, {
             "class_names": self._classes, "noise_std": self.run.noise_std, "round": self.round,
             "trained_with": {"strategy": self.run.strategy, "dp": self.run.dp, "dataset": self.run.dataset}})
 
@@ -249,10 +254,7 @@ class Coordinator:
             from fedvision.site import load_for_run
 
             self._test = load_for_run(self.run, self.run.test_dataset, "test")
-        model = create_model(self.run.model, len(self._classes), in_chans=self.run.channels,
-                             img_size=self.run.image_size, dp=self.run.dp)
-        model.load_state_dict(global_state)
-        result = evaluate(model, self._test.dataset)
+        result = evaluate(self._model_with(global_state), self._test.dataset)
         return {"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples}
 
 

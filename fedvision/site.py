@@ -134,7 +134,8 @@ class Site:
         model = self.model(global_state)
         cfg = train_config(self.run, len(self.train_data), self.epsilon_budget, self.delta, proximal_mu)
         trainer = train_private if self.run.dp else train_nonprivate
-        result = trainer(model, self.train_data.dataset, cfg, self.ledger if self.run.dp else None,
+        ledger = self.ledger if self.run.dp else None  # read once; train_private appends to it
+        result = trainer(model, self.train_data.dataset, cfg, ledger,
                          global_params=global_state)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if self.attack:
@@ -144,7 +145,7 @@ class Site:
         if self.run.dp:
             metrics.update({"epsilon": result.epsilon, "delta": self.delta, "epsilon-budget": self.epsilon_budget,
                             "noise-multiplier": result.noise_multiplier, "sample-rate": result.sample_rate,
-                            "steps-total": self.ledger.steps})
+                            "steps-total": ledger.steps})
         self._cache_reply(server_round, digest, state, metrics)
         return state, metrics
 
