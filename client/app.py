@@ -31,6 +31,7 @@ def _name(context: Context) -> str:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    site = None
     try:
         site = _site(context)
         config = msg.content["config"]
@@ -39,12 +40,22 @@ def train(msg: Message, context: Context) -> Message:
     except FedVisionError as e:
         # A refusal (budget spent, unusable local data) is an answer, not a crash: the server logs the reason.
         log.warning("%s refuses round: %s", _name(context), e)
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0}),
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, **_spent(site)}),
                                    "refusal": ConfigRecord({"reason": str(e), "site": _name(context)})}),
                        reply_to=msg)
     return Message(RecordDict({"arrays": ArrayRecord(state),
                                "metrics": MetricRecord({k: v for k, v in metrics.items() if v is not None}),
                                "site": ConfigRecord({"name": site.name})}), reply_to=msg)
+
+
+def _spent(site: Site | None) -> dict:
+    """The privacy a refusing site has spent so far, so the run record stays current even when it trains no more."""
+    if site is None or not site.run.dp:
+        return {}
+    try:
+        return site.privacy_metrics()
+    except FedVisionError:  # an unreadable ledger is the refusal's own reason
+        return {}
 
 
 @app.evaluate()

@@ -89,7 +89,8 @@ class RunConfig:
     seed: int = _opt("seed for model initialisation, sampling and noise", 0, _non_negative, "≥ 0")
     # -- simulation only -----------------------------------------------------------------------------------
     site_epsilon_budgets: str = _opt("simulation: comma-separated ε budget per partition ('' = the default)", "")
-    simulated_attacks: str = _opt("simulation: poisoned sites, e.g. 'site-2:nan,site-3:scale=100,site-4:signflip'",
+    simulated_attacks: str = _opt("tests and demos: poisoned sites, e.g. 'site-2:nan,site-3:scale=100,site-4:signflip'"
+                                  "; 'site-4:nan/scale=100/signflip' rotates through the attacks round by round",
                                   "")
     # -- bookkeeping (set by the CLI) ----------------------------------------------------------------------
     run_dir: str = _opt("folder for checkpoints, run.json and (in simulation) site state", "fedvision-run")
@@ -126,15 +127,17 @@ class RunConfig:
         return budgets[partition_id]
 
     def attacks(self) -> dict[str, str]:
-        """``simulated-attacks`` as {site name: attack}."""
+        """``simulated-attacks`` as {site name: [attack of round 1, of round 2, …]} (the list repeats)."""
         out = {}
         for item in filter(None, (s.strip() for s in self.simulated_attacks.split(","))):
-            site, _, attack = item.partition(":")
-            kind = attack.split("=")[0]
-            if kind not in ("nan", "scale", "signflip", "noise"):
-                raise ConfigError(f"simulated-attacks: unknown attack {attack!r} for {site!r} "
-                                  "(expected nan, scale=K, signflip or noise=STD)")
-            out[site] = attack
+            site, _, rotation = item.partition(":")
+            attacks = rotation.split("/")
+            for attack in attacks:
+                kind, _, arg = attack.partition("=")
+                if kind not in ("nan", "scale", "signflip", "noise") or (arg and not _is_number(arg)):
+                    raise ConfigError(f"simulated-attacks: unknown attack {attack!r} for {site!r} "
+                                      "(expected nan, scale=K, signflip or noise=STD)")
+            out[site] = attacks
         return out
 
 
@@ -204,10 +207,16 @@ def _coerce(f, value: Any, label: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             value = float(value)
-            if math.isnan(value):
+            if not math.isfinite(value):
                 raise ValueError
         else:
+            # Flower's TOML parsing turns site-name=7 into a number; anything else that is not text is a mistake.
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ValueError
             value = str(value)
+            value.encode("utf-8")  # no lone surrogates: the value ends up in file names, TOML and JSON
+            if any(ord(c) < 32 for c in value):
+                raise ConfigError(f"{label} must not contain control characters, got {value!r}")
     except (TypeError, ValueError):
         raise ConfigError(f"{label} must be {typ.__name__}, got {value!r}") from None
     meta = f.metadata
@@ -229,3 +238,10 @@ def describe(cls=RunConfig) -> str:
     for f in fields(cls):
         rows.append(f"| `{f.name.replace('_', '-')}` | `{f.default!r}` | {f.metadata.get('help', '')} |")
     return "\n".join(rows)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False

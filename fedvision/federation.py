@@ -20,7 +20,7 @@ import fedvision
 from fedvision.config import RunConfig
 from fedvision.errors import ConfigError, UpdateRejected
 from fedvision.io import atomic_write, atomic_write_json
-from fedvision.models import create_model, save_model
+from fedvision.models import create_model, save_model, state_digest
 
 log = logging.getLogger("fedvision.coordinator")
 
@@ -81,11 +81,12 @@ class EvaluateReply:
     error: str | None = None
 
 
-def versions() -> dict[str, str]:
+def versions(*packages: str) -> dict[str, str]:
+    """Versions of fedvision, Python and the packages a run depends on, plus ``packages`` (the audit adds its own)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"fedvision": fedvision.__version__, "python": platform.python_version()}
-    for pkg in ("flwr", "torch", "opacus", "timm"):
+    for pkg in ("flwr", "torch", "opacus", "timm", *packages):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -106,7 +107,7 @@ class Coordinator:
         self.round = 0
         self.record: dict[str, Any] = {
             "format": RUN_FORMAT, "config": run.to_mapping(), "versions": versions(),
-            "started": _now(), "rounds": [], "sites": {}, "rejected": [], "refused": [], "failed": [],
+            "started": _now(), "rounds": [], "sites": {}, "rejected": [], "refused": [], "failed": [], "suspects": [],
             "resumes": [], "status": "running",
         }
 
@@ -156,6 +157,7 @@ class Coordinator:
             raise ConfigError(f"run-dir {self.dir} already holds a run; resume it or choose another folder")
         model = self.initial_model()
         self.record["classes"] = self._classes
+        self.record["initial_sha256"] = state_digest(model.state_dict())
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, {}
 
     # -- a round ------------------------------------------------------------------------------------------
@@ -191,28 +193,53 @@ class Coordinator:
         log.warning("round %d: %s %s: %s", server_round, site, kind, reason)
         self.record[kind].append({"round": server_round, "site": site, "reason": reason})
 
+    def name_opposing(self, server_round: int, replies: list[TrainReply], accepted: list[int],
+                      before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+        """Record each aggregated update's cosine to the aggregate update and name the sites that pull against it.
+
+        A robust rule (median, trimmed mean, Krum) already limits what one site can do; a sign-flipped update
+        then points away from the aggregate (cosine < 0), which an honest site's update does not."""
+        keys = [k for k, v in before.items() if v.is_floating_point()]
+        ref = {k: before[k].double().numpy().ravel() for k in keys}
+        aggregate = np.concatenate([after[k].double().numpy().ravel() - ref[k] for k in keys])
+        if not accepted or not np.any(aggregate):
+            return
+        for i in accepted:
+            update = np.concatenate([np.asarray(replies[i].arrays[k], np.float64).ravel() - ref[k] for k in keys])
+            cosine = float(update @ aggregate / max(np.linalg.norm(update) * np.linalg.norm(aggregate), 1e-30))
+            replies[i].metrics["cosine-to-aggregate"] = cosine
+            if cosine < 0:
+                log.warning("round %d: %s suspect: its update opposes the aggregate (cosine %.2f)", server_round,
+                            replies[i].site, cosine)
+                self.record["suspects"].append({"round": server_round, "site": replies[i].site, "reason":
+                                                f"update opposes the aggregate (cosine {cosine:.2f}); "
+                                                "sign-flipped or adversarial?"})
+
     def finish_round(self, server_round: int, replies: list[TrainReply], accepted: list[int], aggregated: bool,
-                     evaluations: list[EvaluateReply], central: dict[str, float] | None, seconds: float) -> None:
+                     evaluations: list[EvaluateReply], central: dict[str, float] | None, seconds: float,
+                     parent_sha256: str = "") -> None:
         site_rows = {}
         for i, r in enumerate(replies):
             row = {k: v for k, v in r.metrics.items()}
             row["accepted"] = i in accepted
             site_rows[r.site] = row
-            if "epsilon" in r.metrics:  # what the site's ledger says, cumulative over the run
+            if "epsilon" in r.metrics:  # what the site's ledger says, cumulative (a refusing site reports it too)
+                before = self.record["sites"].get(r.site, {})
                 self.record["sites"][r.site] = {
-                    "num_examples": int(r.metrics.get("num-examples", 0)),
+                    "num_examples": int(r.metrics.get("num-examples") or before.get("num_examples", 0)),
                     "epsilon": r.metrics["epsilon"], "delta": r.metrics.get("delta"),
                     "epsilon_budget": r.metrics.get("epsilon-budget"),
-                    "noise_multiplier": r.metrics.get("noise-multiplier"),
-                    "sample_rate": r.metrics.get("sample-rate"), "steps": int(r.metrics.get("steps-total", 0)),
-                    "accountant": "rdp", "last_round": server_round}
+                    "noise_multiplier": r.metrics.get("noise-multiplier", before.get("noise_multiplier")),
+                    "sample_rate": r.metrics.get("sample-rate", before.get("sample_rate")),
+                    "steps": int(r.metrics.get("steps-total", 0)), "accountant": "rdp", "last_round": server_round}
             elif r.metrics.get("num-examples"):
                 self.record["sites"].setdefault(r.site, {})["num_examples"] = int(r.metrics["num-examples"])
         train_seconds = [r.metrics.get("train-seconds", 0.0) for r in replies if r.arrays is not None]
         site_time = max(train_seconds, default=0.0)  # sites train in parallel
         evaluation = federated_evaluation(evaluations)
         self.record["rounds"].append({
-            "round": server_round, "aggregated": aggregated, "accepted": [replies[i].site for i in accepted],
+            "round": server_round, "parent_sha256": parent_sha256, "aggregated": aggregated,
+            "accepted": [replies[i].site for i in accepted],
             "sites": site_rows, "evaluate": evaluation, "central": central,
             "timing": {"round_seconds": seconds, "site_training_seconds": site_time,
                        "other_seconds": max(seconds - site_time, 0.0)}})
@@ -226,6 +253,8 @@ class Coordinator:
         resumable run whose other files are at most one round behind."""
         import json
 
+        if self.record["rounds"]:  # the lineage: round k's parent_sha256 is round k-1's global_sha256
+            self.record["rounds"][-1]["global_sha256"] = state_digest(global_state)
         payload = {"round": self.round, "state": {k: v.detach().cpu() for k, v in global_state.items()},
                    "strategy": strategy_state, "record": json.dumps(self.record)}
         atomic_write(self.dir / CHECKPOINT, lambda f: torch.save(payload, f))
@@ -259,12 +288,20 @@ class Coordinator:
 
 
 def federated_evaluation(evaluations: list[EvaluateReply]) -> dict[str, Any]:
-    """Example-weighted accuracy over sites and per-group confusion counts summed over sites."""
+    """Example-weighted accuracy over sites and per-group confusion counts summed over sites.
+
+    Besides the sites' own attributes, ``group_confusion["site"]`` holds each site's whole confusion matrix
+    under its site name, unless the site already reports a ``site`` attribute from its data (that column
+    names where each image came from, which is the same question asked more precisely)."""
     ok = [e for e in evaluations if e.error is None and e.metrics.get("num-examples")]
     n = sum(e.metrics["num-examples"] for e in ok)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for e in ok:
-        for attr, by_group in e.groups.items():
+        by_attribute = dict(e.groups)
+        if "site" not in by_attribute and e.metrics.get("confusion") is not None:
+            k = len(e.classes)
+            by_attribute["site"] = {e.site: np.asarray(e.metrics["confusion"], dtype=int).reshape(k, k)}
+        for attr, by_group in by_attribute.items():
             for g, cm in by_group.items():
                 acc = groups.setdefault(attr, {})
                 acc[g] = acc.get(g, 0) + np.asarray(cm)

@@ -389,6 +389,17 @@ def _probe_size(model: nn.Module, img_size: int | None) -> tuple[int, int]:
     return (img_size or 32, img_size or 32)
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names and values: identifies one set of weights across processes and machines."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_model(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Save weights with everything ``create_model`` needs to rebuild the model, atomically.
 

@@ -8,16 +8,14 @@ the new one. A corrupt ledger refuses to load rather than starting from zero.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fedvision.dp import ACCOUNTANT, HistoryEntry, epsilon_of, validate_delta, validate_epsilon
 from fedvision.errors import BudgetExceededError, DataError
-from fedvision.io import atomic_write_json
+from fedvision.io import atomic_write_json, file_lock
 
 LEDGER_FORMAT = "fedvision-privacy-ledger/1"
 
@@ -75,24 +73,13 @@ class PrivacyLedger:
         return after
 
     # -- writing ---------------------------------------------------------------------------------------
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Serialise writers (two trainings of one site at once must not lose an entry)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
     def record(self, *, noise_multiplier: float, sample_rate: float, steps: int, **info: Any) -> None:
         """Append one training and write the ledger atomically. ``info`` (round, run id…) is kept as-is."""
         if not (noise_multiplier >= 0 and 0 < sample_rate <= 1 and int(steps) >= 0):
             raise ValueError(f"invalid ledger entry: σ={noise_multiplier}, q={sample_rate}, steps={steps}")
         entry = {"noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate),
                  "steps": int(steps), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
-        with self._locked():
+        with file_lock(self.path.with_name(self.path.name + ".lock")):  # two writers must not lose an entry
             self.entries = self._load()  # another process may have recorded since we loaded
             self.entries.append(entry)
             atomic_write_json(self.path, {"format": LEDGER_FORMAT, "accountant": ACCOUNTANT,

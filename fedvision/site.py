@@ -8,7 +8,6 @@ config), its ledger lives in its own state directory, and it refuses training th
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -21,8 +20,9 @@ import torch
 
 from fedvision.config import NodeConfig, RunConfig, named_split
 from fedvision.errors import ConfigError
-from fedvision.io import atomic_write
-from fedvision.models import create_model
+from fedvision.groups import group_labels
+from fedvision.io import atomic_write, file_lock
+from fedvision.models import create_model, state_digest
 from fedvision.privacy import PrivacyLedger
 from fedvision.train import TrainConfig, evaluate, steps_per_epoch, train_nonprivate, train_private
 
@@ -62,6 +62,31 @@ def _local_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
+def site_data(run: RunConfig, node: NodeConfig) -> tuple[Any, Any | None]:
+    """A site's (training data, local test data or None), exactly as the site trains and evaluates on them.
+
+    Reads no ledger and writes nothing, so the privacy audit can rebuild a simulated site's training members.
+    """
+    from fedvision.data import partition, subset
+
+    if node.simulated:
+        if node.partition_id >= node.num_partitions:
+            raise ConfigError(f"node config: 'partition-id' {node.partition_id} ≥ 'num-partitions'")
+        full = load_for_run(run, run.dataset, "train")
+        parts = partition(full, run.partitioning, node.num_partitions, seed=run.seed)
+        data = subset(full, parts[node.partition_id])
+    else:
+        if not node.data:
+            raise ConfigError("node config: 'data' is required (e.g. data=manifest:/data/site/manifest.csv)")
+        data = load_for_run(run, node.data, "train")
+    if node.test_data:
+        return data, load_for_run(run, node.test_data, "test")
+    if run.local_test_fraction > 0 and len(data) >= 10:
+        tr, te = _local_split(len(data), run.local_test_fraction, run.seed)
+        return subset(data, tr), subset(data, te)
+    return data, None
+
+
 @dataclass
 class Site:
     name: str
@@ -71,39 +96,22 @@ class Site:
     epsilon_budget: float
     delta: float
     run: RunConfig
-    attack: str | None = None  # simulation only: poison this site's updates
+    attack: list[str] | None = None  # tests and demos: poison this site's updates (one attack per round, rotating)
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_configs(cls, run: RunConfig, node: NodeConfig) -> "Site":
-        from fedvision.data import partition, subset
-
+        if not node.simulated and not node.state_dir:
+            raise ConfigError("node config: 'state-dir' is required (where the site keeps its privacy ledger)")
+        train, test = site_data(run, node)
         if node.simulated:
-            if node.partition_id >= node.num_partitions:
-                raise ConfigError(f"node config: 'partition-id' {node.partition_id} ≥ 'num-partitions'")
-            full = load_for_run(run, run.dataset, "train")
-            parts = partition(full, run.partitioning, node.num_partitions, seed=run.seed)
-            data = subset(full, parts[node.partition_id])
             name = f"site-{node.partition_id + 1}"
             state_dir = Path(run.run_dir) / "sites" / name
             budget = run.site_budget(node.partition_id)
         else:
-            if not node.data:
-                raise ConfigError("node config: 'data' is required (e.g. data=manifest:/data/site/manifest.csv)")
-            if not node.state_dir:
-                raise ConfigError("node config: 'state-dir' is required (where the site keeps its privacy ledger)")
-            data = load_for_run(run, node.data, "train")
             state_dir = Path(node.state_dir)
             name = node.site_name or state_dir.resolve().name
             budget = node.epsilon_budget or run.epsilon_budget
-        if node.test_data:
-            test = load_for_run(run, node.test_data, "test")
-            train = data
-        elif run.local_test_fraction > 0 and len(data) >= 10:
-            tr, te = _local_split(len(data), run.local_test_fraction, run.seed)
-            train, test = subset(data, tr), subset(data, te)
-        else:
-            train, test = data, None
         return cls(name=name, train_data=train, test_data=test, state_dir=state_dir, epsilon_budget=budget,
                    delta=node.delta or run.delta, run=run, attack=run.attacks().get(name))
 
@@ -125,7 +133,13 @@ class Site:
         A round the site already trained from the same global weights (the coordinator resumed after a crash
         and asks again) is answered from the site's round cache: no second training, no second privacy charge.
         """
-        digest = _digest(global_state)
+        # One training per site at a time: a request delivered twice (the old and the resumed coordinator both
+        # asked) waits here, then finds the first one's update in the cache.
+        with file_lock(self.state_dir / "train.lock"):
+            return self._train(global_state, server_round, proximal_mu)
+
+    def _train(self, global_state: StateDict, server_round: int, proximal_mu: float) -> tuple[StateDict, dict]:
+        digest = state_digest(global_state)
         cached = self._cached_reply(server_round, digest)
         if cached is not None:
             log.info("%s: round %d already trained from these global weights; replaying the cached update",
@@ -135,11 +149,14 @@ class Site:
         cfg = train_config(self.run, len(self.train_data), self.epsilon_budget, self.delta, proximal_mu)
         trainer = train_private if self.run.dp else train_nonprivate
         ledger = self.ledger if self.run.dp else None  # read once; train_private appends to it
-        result = trainer(model, self.train_data.dataset, cfg, ledger,
-                         global_params=global_state)
+        # Each ledger entry names the run, round and global weights it was charged for, so an auditor can
+        # check that no round was charged twice (the round cache above replays instead of charging again).
+        result = trainer(model, self.train_data.dataset, cfg, ledger, global_params=global_state,
+                         charge={"run": self.run.run_dir, "round": server_round, "global_sha256": digest})
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if self.attack:
-            state = poison(state, global_state, self.attack, seed=self.run.seed + server_round)
+            attack = self.attack[(server_round - 1) % len(self.attack)]
+            state = poison(state, global_state, attack, seed=self.run.seed + server_round)
         metrics = {"num-examples": len(self.train_data), "train-loss": result.loss, "train-seconds": result.seconds,
                    "steps": result.steps, "dp": int(self.run.dp)}
         if self.run.dp:
@@ -151,8 +168,10 @@ class Site:
 
     def privacy_metrics(self) -> dict[str, Any]:
         summary = self.ledger.summary(self.delta)
-        return {"epsilon": summary["epsilon"], "delta": self.delta, "epsilon-budget": self.epsilon_budget,
-                "steps-total": summary["steps"]}
+        metrics = {"epsilon": summary["epsilon"], "delta": self.delta, "epsilon-budget": self.epsilon_budget,
+                   "steps-total": summary["steps"], "noise-multiplier": summary["noise_multiplier"],
+                   "sample-rate": summary["sample_rate"]}
+        return {k: v for k, v in metrics.items() if v is not None}
 
     def _cache_path(self) -> Path:
         return self.state_dir / "round-cache.pt"
@@ -162,33 +181,36 @@ class Site:
         if not path.exists():
             return None
         cached = torch.load(path, weights_only=True)
-        if cached.get("round") == server_round and cached.get("global") == digest:
+        if (cached.get("round"), cached.get("global"), cached.get("run")) == (server_round, digest, self.run.run_dir):
             metrics = json.loads(cached["metrics"])
             metrics.update(self.privacy_metrics() if self.run.dp else {})
             return cached["state"], metrics
         return None
 
     def _cache_reply(self, server_round: int, digest: str, state: StateDict, metrics: dict) -> None:
-        payload = {"round": server_round, "global": digest, "state": state, "metrics": json.dumps(metrics)}
+        payload = {"round": server_round, "global": digest, "run": self.run.run_dir, "state": state,
+                   "metrics": json.dumps(metrics)}
         atomic_write(self._cache_path(), lambda f: torch.save(payload, f))
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, global_state: StateDict) -> dict[str, Any]:
-        """Accuracy on the site's local test data and, per sensitive attribute, per-group confusion counts
-        (so fairness can be measured across the federation while no image leaves the site)."""
+        """Accuracy on the site's local test data, its whole confusion matrix (``confusion``, flat, row-major)
+        and, per sensitive attribute and per pair of them (``"a×b"``, see ``fedvision.groups``), per-group
+        confusion counts: fairness can be measured across the federation while no image leaves the site."""
         if self.test_data is None or len(self.test_data) == 0:
             return {"num-examples": 0, "accuracy": 0.0, "loss": 0.0, "groups": {}}
         result = evaluate(self.model(global_state), self.test_data.dataset)
         k = len(self.test_data.classes)
         attrs = self.test_data.attributes
+        present = {c: attrs[c] for c in self.run.sensitive_attributes if c in attrs.columns}
         groups = {}
-        for column in self.run.sensitive_attributes:
-            if column not in attrs.columns:
-                continue
-            groups[column] = {str(g): confusion_counts(result.y_true[mask], result.y_pred[mask], k)
-                              for g, mask in _group_masks(attrs[column])}
+        for attribute, labels in group_labels(present).items():
+            groups[attribute] = {g: confusion_counts(result.y_true[labels == g], result.y_pred[labels == g], k)
+                                 for g in sorted(set(labels.tolist()))}
+        # The whole matrix travels as a flat metric (row-major) so the coordinator can add a per-site table.
+        whole = [c for row in confusion_counts(result.y_true, result.y_pred, k) for c in row]
         return {"num-examples": result.num_examples, "accuracy": result.accuracy, "loss": result.loss,
-                "classes": list(self.test_data.classes), "groups": groups}
+                "confusion": whole, "classes": list(self.test_data.classes), "groups": groups}
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> list[list[int]]:
@@ -196,12 +218,6 @@ def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     cm = np.zeros((num_classes, num_classes), dtype=int)
     np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
     return cm.tolist()
-
-
-def _group_masks(column):
-    values = column.astype(str).to_numpy()
-    for g in sorted(set(values)):
-        yield g, values == g
 
 
 @functools.lru_cache(maxsize=2)
@@ -216,12 +232,6 @@ def _model(name: str, num_classes: int, channels: int, image_size: int, dp: bool
     return copy.deepcopy(_template(name, num_classes, channels, image_size, dp))
 
 
-def _digest(state: StateDict) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def poison(state: StateDict, global_state: StateDict, attack: str, seed: int = 0) -> StateDict:

@@ -101,25 +101,28 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def train_private(model: nn.Module, dataset: Dataset, config: TrainConfig, ledger: PrivacyLedger | None = None,
-                  global_params: dict[str, torch.Tensor] | None = None) -> TrainResult:
+                  global_params: dict[str, torch.Tensor] | None = None,
+                  charge: dict[str, Any] | None = None) -> TrainResult:
     """Train ``model`` in place with DP-SGD for ``config.epochs`` epochs.
 
     σ is ``config.noise_multiplier`` or, when None, the smallest σ for which ``config.planned_steps`` steps
     (default: this training's steps) stay within ``config.epsilon_budget``.
     With a ledger and a budget, training that would exceed the budget is refused before any step, and the
-    steps are recorded in the ledger before the first one is taken.
+    steps are recorded in the ledger before the first one is taken, with ``charge`` (run, round…) beside them.
     """
-    return _train(model, dataset, config, ledger, global_params, private=True)
+    return _train(model, dataset, config, ledger, global_params, private=True, charge=charge)
 
 
 def train_nonprivate(model: nn.Module, dataset: Dataset, config: TrainConfig, ledger: PrivacyLedger | None = None,
-                     global_params: dict[str, torch.Tensor] | None = None) -> TrainResult:
+                     global_params: dict[str, torch.Tensor] | None = None,
+                     charge: dict[str, Any] | None = None) -> TrainResult:
     """Same signature as ``train_private``, plain mini-batch SGD; no privacy guarantee, nothing recorded."""
     return _train(model, dataset, config, ledger, global_params, private=False)
 
 
 def _train(model: nn.Module, dataset: Dataset, config: TrainConfig, ledger: PrivacyLedger | None,
-           global_params: dict[str, torch.Tensor] | None, private: bool) -> TrainResult:
+           global_params: dict[str, torch.Tensor] | None, private: bool,
+           charge: dict[str, Any] | None = None) -> TrainResult:
     n = len(dataset)
     if n == 0:
         raise DataError("cannot train on an empty dataset")
@@ -159,7 +162,7 @@ def _train(model: nn.Module, dataset: Dataset, config: TrainConfig, ledger: Priv
         if ledger is not None:
             if config.epsilon_budget is not None:
                 ledger.check_budget(config.epsilon_budget, config.delta, sigma, sample_rate, steps)
-            ledger.record(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+            ledger.record(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, **(charge or {}))
         noise_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
         train_module, optimizer, loader, sample_rate = dp.make_private(
             model, optimizer, loader, sigma, config.max_grad_norm, noise_gen)

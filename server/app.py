@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedvision.logs import setup_logging
 from fedvision.config import RunConfig
 from fedvision.federation import Coordinator, EvaluateReply, TrainReply
+from fedvision.models import state_digest
 from server.strategy import build_strategy, restore_strategy_state, strategy_state
 
 log = logging.getLogger("fedvision.coordinator")
@@ -36,27 +37,32 @@ def main(grid: Grid, context: Context) -> None:
     for server_round in range(coordinator.round + 1, run.num_server_rounds + 1):
         started = time.perf_counter()
         log.info("round %d/%d", server_round, run.num_server_rounds)
-        arrays = ArrayRecord(state)
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        parent, parent_sha256 = state, state_digest(state)
+        messages = list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid))
         replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
-        train_replies = [_train_reply(m, names) for m in replies]
+        # Sites that did not answer (killed, cut off, too slow) are named as failed, not silently dropped.
+        train_replies = [_train_reply(m, names) for m in replies] + [
+            TrainReply(site=_site_name(node, names), error=f"no reply within round-timeout {run.round_timeout:g}s")
+            for node in _silent(messages, replies)]
         accepted = coordinator.screen(server_round, train_replies, state)
         aggregated = False
         if len(accepted) >= run.min_train_nodes:
             new_arrays, _ = strategy.aggregate_train(server_round, [replies[i] for i in accepted])
             if new_arrays is not None:
                 state, aggregated = new_arrays.to_torch_state_dict(), True
+                coordinator.name_opposing(server_round, train_replies, accepted, parent, state)
         else:
             log.warning("round %d: %d valid updates < min-train-nodes %d; global model unchanged",
                         server_round, len(accepted), run.min_train_nodes)
 
-        arrays = ArrayRecord(state)
-        eval_messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
-        evaluations = [_evaluate_reply(m, names) for m in grid.send_and_receive(eval_messages,
-                                                                                timeout=run.round_timeout)]
+        eval_messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), ConfigRecord(), grid))
+        eval_replies = list(grid.send_and_receive(eval_messages, timeout=run.round_timeout))
+        evaluations = [_evaluate_reply(m, names) for m in eval_replies] + [
+            EvaluateReply(site=_site_name(node, names), error=f"no reply within round-timeout {run.round_timeout:g}s")
+            for node in _silent(eval_messages, eval_replies)]
         central = coordinator.central_evaluate(state)
         coordinator.finish_round(server_round, train_replies, accepted, aggregated, evaluations, central,
-                                 time.perf_counter() - started)
+                                 time.perf_counter() - started, parent_sha256=parent_sha256)
         coordinator.checkpoint(state, strategy_state(strategy))
         last = coordinator.record["rounds"][-1]
         log.info("round %d done in %.1fs: %d/%d updates aggregated, federated accuracy %s%s", server_round,
@@ -66,15 +72,25 @@ def main(grid: Grid, context: Context) -> None:
     log.info("run complete: %s", coordinator.dir)
 
 
+def _silent(sent: list[Message], replies: list[Message]) -> list[int]:
+    """Nodes that were sent a message and did not reply."""
+    answered = {m.metadata.src_node_id for m in replies}
+    return [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
+
+
+def _site_name(node: int, names: dict[int, str]) -> str:
+    return names.get(node, f"node-{node}")
+
+
 def _train_reply(msg: Message, names: dict[int, str]) -> TrainReply:
     node = msg.metadata.src_node_id
     if msg.has_error():
-        return TrainReply(site=names.get(node, f"node-{node}"), error=msg.error.reason)
+        return TrainReply(site=_site_name(node, names), error=msg.error.reason)
     content = msg.content
     if "refusal" in content:
         refusal = content["refusal"]
         names[node] = str(refusal["site"])
-        return TrainReply(site=names[node], refusal=str(refusal["reason"]))
+        return TrainReply(site=names[node], refusal=str(refusal["reason"]), metrics=dict(content["metrics"]))
     names[node] = str(content["site"]["name"])
     return TrainReply(site=names[node], arrays={k: a.numpy() for k, a in content["arrays"].items()},
                       metrics=dict(content["metrics"]))
@@ -83,7 +99,7 @@ def _train_reply(msg: Message, names: dict[int, str]) -> TrainReply:
 def _evaluate_reply(msg: Message, names: dict[int, str]) -> EvaluateReply:
     node = msg.metadata.src_node_id
     if msg.has_error():
-        return EvaluateReply(site=names.get(node, f"node-{node}"), error=msg.error.reason)
+        return EvaluateReply(site=_site_name(node, names), error=msg.error.reason)
     content = msg.content
     if "refusal" in content:
         return EvaluateReply(site=str(content["refusal"]["site"]), error=str(content["refusal"]["reason"]))

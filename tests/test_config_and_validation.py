@@ -36,9 +36,12 @@ def test_node_config_and_simulation_helpers():
         NodeConfig.from_mapping({"budget": 1})
     run = RunConfig.from_mapping({"site-epsilon-budgets": "0.5, 8", "simulated-attacks": "site-2:nan,site-3:scale=100"})
     assert [run.site_budget(i) for i in range(3)] == [0.5, 8.0, run.epsilon_budget]
-    assert run.attacks() == {"site-2": "nan", "site-3": "scale=100"}
-    with pytest.raises(ConfigError, match="unknown attack"):
-        RunConfig.from_mapping({"simulated-attacks": "site-1:explode"}).attacks()
+    assert run.attacks() == {"site-2": ["nan"], "site-3": ["scale=100"]}
+    rotating = RunConfig.from_mapping({"simulated-attacks": "site-4:nan/scale=100/signflip"})
+    assert rotating.attacks() == {"site-4": ["nan", "scale=100", "signflip"]}
+    for bad in ("site-1:explode", "site-1:nan/scale=big"):
+        with pytest.raises(ConfigError, match="unknown attack"):
+            RunConfig.from_mapping({"simulated-attacks": bad}).attacks()
 
 
 def _reference():

@@ -1,0 +1,187 @@
+"""Deployment with real processes on loopback: ``flower-superlink`` with TLS, SuperNode authentication and a
+database; ``flower-supernode`` per site reading its own manifest; ``flwr run``. Then the failures a
+federation of hospitals meets: a site's machine dies mid-round, the coordinator's machine dies mid-run, and a
+site sends poisoned updates.
+
+What every run must show: the run record's rounds form one lineage of weights (each round's parent is the
+previous round's result, across a resume too, and the files on disk are its end), and each site's ledger holds
+exactly one charge per round it trained, against the weights that round sent — no ε lost, none counted twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedvision.models import load_model, state_digest
+from fedvision.privacy import PrivacyLedger
+from deployment import LocalDeployment, read_run, wait_for
+
+pytestmark = pytest.mark.slow
+
+RUN_TIMEOUT = 480  # seconds for one `flwr run` on 2 busy cores
+
+
+@pytest.fixture
+def deploy(tmp_path):
+    made: list[LocalDeployment] = []
+
+    def make(sites: int, **kwargs) -> LocalDeployment:
+        d = LocalDeployment(tmp_path, sites, **kwargs)
+        made.append(d)
+        d.start_superlink()
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _start_sites(d: LocalDeployment, sites: list[str]) -> None:
+    for site in sites:
+        d.register(site)
+        d.start_node(site)
+    wait_for(lambda: d.node_status().count("online") == len(sites), 90, f"{len(sites)} SuperNodes online")
+
+
+def _finish(d: LocalDeployment, proc, name: str = "flwr-run") -> None:
+    code = proc.wait(timeout=RUN_TIMEOUT)
+    assert code == 0, f"flwr run failed ({code}):\n{d.log(name)[-4000:]}\n--- superlink:\n{d.log('superlink')[-3000:]}"
+
+
+def _check_lineage_and_ledgers(d: LocalDeployment, run_dir: Path, sites: list[str]) -> dict:
+    """The properties every deployment run must have; returns the run record."""
+    record = read_run(run_dir)
+    rounds = record["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, len(rounds) + 1))
+    assert rounds[0]["parent_sha256"] == record["initial_sha256"]
+    for before, after in zip(rounds, rounds[1:]):
+        assert after["parent_sha256"] == before["global_sha256"], f"lineage broken at round {after['round']}"
+    final = rounds[-1]["global_sha256"]
+    assert state_digest(load_model(run_dir / "global_model.pt").state_dict()) == final
+    assert state_digest(torch.load(run_dir / "checkpoint.pt", weights_only=True)["state"]) == final
+
+    for site in sites:
+        entries = [e for e in d.ledger(site) if e.get("run") == str(run_dir)]
+        charged = [e["round"] for e in entries]
+        assert len(charged) == len(set(charged)), f"{site}: a round was charged twice: {charged}"
+        for e in entries:  # each charge is for the weights that round actually sent
+            assert e["global_sha256"] == rounds[e["round"] - 1]["parent_sha256"]
+        accepted = [r["round"] for r in rounds if site in r["accepted"]]
+        assert set(accepted) <= set(charged), f"{site}: aggregated in rounds {accepted} but charged {charged}"
+        ledger = PrivacyLedger(d.state_dir(site) / "ledger.json")
+        assert record["sites"][site]["epsilon"] == pytest.approx(ledger.epsilon(record["sites"][site]["delta"]),
+                                                                 rel=1e-9)
+        assert record["sites"][site]["steps"] == ledger.steps
+    return record
+
+
+def test_tls_and_node_authentication_end_to_end(deploy, tmp_path):
+    d = deploy(sites=5)
+    sites = ["site-1", "site-2", "site-3"]
+    _start_sites(d, sites)
+    d.start_node("site-4")  # its key was never registered
+    d.register("site-5")
+    d.start_node("site-5", tls=False)  # tries to connect without TLS (Flower allows no key without TLS)
+
+    # The unregistered SuperNode is turned away at activation and exits.
+    code = d.nodes["site-4"].wait(timeout=60)
+    assert code != 0 and "Failed to activate SuperNode" in d.log("site-4")
+
+    run_dir = tmp_path / "run"
+    proc = d.flwr_run(d.run_config(run_dir, **{"num-server-rounds": 2, "min-train-nodes": 3,
+                                               "min-available-nodes": 3}))
+    _finish(d, proc)
+    record = _check_lineage_and_ledgers(d, run_dir, sites)
+    assert record["status"] == "completed" and record["completed_rounds"] == 2
+    for r in record["rounds"]:
+        assert sorted(r["accepted"]) == sites and r["aggregated"]
+        assert sorted(r["evaluate"]["sites"]) == sites
+    assert set(record["sites"]) == set(sites)
+    # Neither the unauthenticated nor the plaintext node ever received a task: no ledger, never online.
+    assert not d.ledger("site-4") and not d.ledger("site-5")
+    assert d.node_status().count("online") == 3
+    assert "Connection attempt failed" in d.log("site-5")
+    assert record["config"]["dataset"] == "" and record["versions"]["flwr"].startswith("1.42")
+
+
+def test_site_killed_mid_round_run_completes_and_site_rejoins_with_its_ledger(deploy, tmp_path):
+    # Enough local work per round (≈50 DP steps) that the kill lands during training, after the charge.
+    d = deploy(sites=3, per_site=240)
+    sites = ["site-1", "site-2", "site-3"]
+    _start_sites(d, sites)
+    run_dir = tmp_path / "run"
+    proc = d.flwr_run(d.run_config(run_dir, **{"num-server-rounds": 4, "round-timeout": 45.0, "batch-size": 16,
+                                               "local-epochs": 4}))
+    # Round 2: SIGKILL site-3's machine (SuperNode and ClientApp) right after its ledger charged the round.
+    wait_for(lambda: any(e.get("round") == 2 for e in d.ledger("site-3")), 300, "site-3 to start round 2",
+             interval=0.05)
+    before = d.ledger("site-3")
+    d.kill_node("site-3")
+    # The SuperLink frees the node identity when heartbeats stop (≤ 60 s); then the site restarts.
+    wait_for(lambda: "offline" in d.node_status(), 120, "the SuperLink to see site-3 offline", interval=2)
+    d.start_node("site-3")
+    _finish(d, proc)
+
+    record = _check_lineage_and_ledgers(d, run_dir, sites)
+    assert record["status"] == "completed" and record["completed_rounds"] == 4
+    round2 = record["rounds"][1]
+    assert sorted(round2["accepted"]) == ["site-1", "site-2"] and round2["aggregated"]
+    assert any(f["site"] == "site-3" and f["round"] == 2 and "no reply" in f["reason"] for f in record["failed"])
+    assert "site-3" in record["rounds"][-1]["accepted"], "the restarted site did not rejoin"
+    after = d.ledger("site-3")
+    assert after[:len(before)] == before, "the ledger lost or changed entries written before the kill"
+    assert [e["round"] for e in after].count(2) == 1  # the killed round stays charged: its ε is not lost
+
+
+def test_coordinator_killed_mid_run_and_resumed(deploy, tmp_path):
+    d = deploy(sites=3)
+    sites = ["site-1", "site-2", "site-3"]
+    _start_sites(d, sites)
+    run_dir = tmp_path / "run"
+    settings = {"num-server-rounds": 3, "min-train-nodes": 3, "min-available-nodes": 3}
+    proc = d.flwr_run(d.run_config(run_dir, **settings))
+    # Round 2 has been sent: at least one site charged it. Kill the coordinator's machine now.
+    wait_for(lambda: any(e.get("round") == 2 for s in sites for e in d.ledger(s)), 300, "round 2 to start",
+             interval=0.1)
+    d.kill_superlink()
+    proc.wait(timeout=60)
+    interrupted = read_run(run_dir)
+    assert interrupted["status"] == "running" and interrupted["completed_rounds"] == 1
+
+    d.start_superlink()  # same database, same port: the sites reconnect by themselves
+    wait_for(lambda: d.node_status().count("online") == 3, 120, "the sites to reconnect", interval=2)
+    proc = d.flwr_run(d.run_config(run_dir, **settings, resume=True), name="flwr-resume")
+    _finish(d, proc, "flwr-resume")
+
+    record = _check_lineage_and_ledgers(d, run_dir, sites)
+    assert record["status"] == "completed" and record["completed_rounds"] == 3
+    assert [r["from_round"] for r in record["resumes"]] == [1]
+    for site in sites:  # every round charged exactly once, including the one interrupted mid-way
+        assert sorted(e["round"] for e in d.ledger(site)) == [1, 2, 3]
+    assert all(sorted(r["accepted"]) == sites for r in record["rounds"])
+
+
+def test_poisoned_site_under_a_robust_strategy_is_excluded_or_neutralised_and_named(deploy, tmp_path):
+    d = deploy(sites=3)
+    sites = ["site-1", "site-2", "site-3"]
+    _start_sites(d, sites)
+    run_dir = tmp_path / "run"
+    proc = d.flwr_run(d.run_config(run_dir, **{
+        "num-server-rounds": 3, "strategy": "fedmedian", "min-train-nodes": 2, "min-available-nodes": 3,
+        "simulated-attacks": "site-3:nan/scale=100/signflip"}))
+    _finish(d, proc)
+    record = _check_lineage_and_ledgers(d, run_dir, sites)
+    by_round = {k: {x["round"]: x for x in record[k] if x["site"] == "site-3"} for k in ("rejected", "suspects")}
+    assert "NaN" in by_round["rejected"][1]["reason"]  # round 1: NaN weights, rejected by validation
+    assert "median" in by_round["rejected"][2]["reason"]  # round 2: ×100 update, rejected as a norm outlier
+    assert "opposes the aggregate" in by_round["suspects"][3]["reason"]  # round 3: sign-flipped, named
+    assert record["rounds"][2]["sites"]["site-3"]["cosine-to-aggregate"] < 0
+    honest = {"site-1", "site-2"}
+    assert not [x for k in ("rejected", "suspects", "failed") for x in record[k] if x["site"] in honest]
+    for r in record["rounds"]:
+        assert honest <= set(r["accepted"]) and r["aggregated"]
+    final = load_model(run_dir / "global_model.pt")
+    assert all(torch.isfinite(p).all() for p in final.state_dict().values())
