@@ -1,8 +1,10 @@
 """The compliance audit of a trained model.
 
-Robustness (this package's first part): ``audit.smoothing`` (randomized-smoothing certificates, Cohen et al.
-2019), ``audit.attacks`` (white-box attacks and their sanity checks), ``audit.robustness`` (both over one
-dataset, written as JSON and CSV) and ``audit.cli`` (``fedvision audit``). See docs/audit.md.
+Robustness: ``audit.smoothing`` (randomized-smoothing certificates, Cohen et al. 2019), ``audit.attacks``
+(white-box attacks and their sanity checks), ``audit.robustness`` (both over one dataset, written as JSON and
+CSV). Fairness: ``audit.fairness``; privacy: ``audit.privacy``. The report: ``audit.report`` (``report.json``
+against its schema in ``audit/schema/``) and ``audit.report_html`` (``report.html``). ``audit.cli`` is
+``fedvision audit``. See docs/audit.md.
 
 The public names below are loaded on first use, so that ``fedvision --help`` does not import torch; the
 protocol defaults live here for the same reason (the CLI's help shows them).
@@ -30,6 +32,10 @@ MINIMUM_NORM_ATTACKS = frozenset({"cw", "deepfool"})
 DEFAULT_ATTACKS = ("fgsm", "pgd", "pgd-l2", "deepfool")
 # ε = 0 (the clean-accuracy check), a small ε and the standard points (RobustBench: L∞ 8/255, L2 0.5).
 DEFAULT_EPS = {"Linf": (0.0, 2 / 255, 8 / 255), "L2": (0.0, 0.25, 0.5)}
+
+# The report: below this many audited samples (images) an accuracy or certified-accuracy estimate is too loose to
+# judge, and its finding is "insufficient data" (the same floor as the fairness audit's default min_group_size).
+MIN_SAMPLES = 30
 
 _LAZY = {
     "Smooth": "audit.smoothing", "certify_dataset": "audit.smoothing", "max_certifiable_radius": "audit.smoothing",

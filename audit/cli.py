@@ -1,9 +1,13 @@
-"""``fedvision audit``: audit a trained model on a dataset and write the results to a folder.
+"""``fedvision audit``: audit a trained model on a dataset and write the compliance report to a folder.
 
 Each check is one ``Check`` in ``CHECKS``: ``options(args, meta)`` validates its command-line options (before
-any data is loaded), ``run(model, dataset, options)`` returns a JSON-able dict, ``write(result, out_dir)``
-writes its files atomically and ``summary(result)`` prints a few lines. ``robustness`` (randomized-smoothing
-certification, attacks, sanity checks) is the first; fairness, privacy and the HTML report plug in the same way.
+any data is loaded), ``run(model, inputs, options)`` returns a JSON-able dict from the model and the
+``audit.report.AuditInputs`` (the audited split, its sensitive attributes, the model's predictions on every
+sample and, with ``--run``, the federated run's record), ``write(result, out_dir)`` writes the check's own files
+atomically (None: its result lives in the report only) and ``summary(result)`` prints a few lines. The checks are
+``robustness`` (randomized-smoothing certification, attacks, sanity checks), ``fairness`` (per-group
+performance with intervals, pooled here and as the sites computed it) and ``privacy`` (the sites' accounting and
+a membership-inference test of it). Whatever ran, ``report.json`` and ``report.html`` are always written.
 """
 
 from __future__ import annotations
@@ -12,35 +16,52 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from audit import (ATTACK_NORMS, DEFAULT_ALPHA, DEFAULT_ATTACKS, DEFAULT_EPS, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII,
                    DEFAULT_SIGMA, PAPER_ALPHA, PAPER_N, PAPER_N0)
 from fedvision.errors import ConfigError, DataError, FedVisionError
 
+# Sensitive attributes audited by default (without --sensitive and --run) when the data has them.
+KNOWN_SENSITIVE = ("sex", "age_band", "age_group", "age", "skin_tone", "site")
+# A numeric age (years) is audited in the bands of the bundled data (fedvision.data.synthetic.AGE_BANDS):
+# < 40, 40–60 (both ends included), > 60; a missing age is its own group "unknown".
+AGE_BAND_EDGES = (40, 60)
+
+
 @dataclass(frozen=True)
 class Check:
     options: Callable[[argparse.Namespace, dict], Any]
     run: Callable[[Any, Any, Any], dict]
-    write: Callable[[dict, Path], list]
+    write: Callable[[dict, Path], list] | None
     summary: Callable[[dict], None]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "audit", help="audit a trained model: certified and empirical robustness",
-        description="Audit a trained model on a dataset. robustness: randomized-smoothing certificates "
-                    "(Cohen et al., 2019), white-box attacks (torchattacks) and their sanity checks; writes "
-                    "robustness.json, certification.csv and attacks.csv to --out.")
+        "audit", help="audit a trained model: robustness, fairness, privacy; writes report.json and report.html",
+        description="Audit a trained model on a dataset and write the compliance report (report.json, validated "
+                    "against its schema, and report.html) to --out. robustness: randomized-smoothing "
+                    "certificates (Cohen et al., 2019), white-box attacks (torchattacks) and their sanity checks "
+                    "(also robustness.json, certification.csv, attacks.csv); fairness: per-group performance with "
+                    "bootstrap intervals (fairlearn), and from the sites' own counts with --run; privacy (needs "
+                    "--run): the sites' (ε, δ) accounting and a membership-inference lower bound on ε.")
     p.add_argument("--model", required=True, type=Path, help="model file written by fedvision (MODEL.pt)")
     p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec, as for `fedvision data`")
     p.add_argument("--split", default="test", help="dataset split to audit (default: test; 'all': every sample)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--checks", nargs="+", default=["robustness"], metavar="CHECK",
-                   help=f"what to audit, from {', '.join(CHECKS)} (default: robustness)")
+    p.add_argument("--run", type=Path, metavar="RUN_DIR",
+                   help="the federated run that trained the model: adds the privacy audit, the sites' own fairness "
+                        "counts, per-round accuracy and the run's provenance to the report")
+    p.add_argument("--checks", nargs="+", default=list(CHECKS), metavar="CHECK",
+                   help=f"what to audit, from {', '.join(CHECKS)} (default: all)")
     p.add_argument("--limit", type=int, default=500,
-                   help="audit this many samples, evenly spaced through the split (default: 500; 0: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed for noise and random starts (default: 0)")
+                   help="robustness: certify and attack this many samples, evenly spaced through the split "
+                        "(default: 500; 0: all); performance and fairness always use every sample")
+    p.add_argument("--seed", type=int, default=0, help="seed for noise, random starts and resampling (default: 0)")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="level of every confidence interval and of the privacy lower bound (default: 0.95)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     g = p.add_argument_group("certification (randomized smoothing)")
@@ -68,31 +89,74 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--smooth-limit", type=int, default=10,
                    help="images on which the smoothed classifier is also attacked (default: 10; 0: all)")
     a.add_argument("--smooth-n", type=int, default=100, help="PREDICT samples per attacked image (default: 100)")
+
+    f = p.add_argument_group("fairness")
+    f.add_argument("--sensitive", metavar="A,B,...",
+                   help="sensitive attributes (columns of the data) to audit (default: the run config's 'sensitive' "
+                        f"with --run, else whichever of {', '.join(KNOWN_SENSITIVE)} the data has); a numeric "
+                        "'age' is audited in bands <40, 40-60, >60")
+    f.add_argument("--min-group-size", type=int, default=30,
+                   help="groups smaller than this are shown but never judged (default: 30)")
+    f.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples per interval (default: 200)")
+
+    v = p.add_argument_group("privacy (needs --run)")
+    v.add_argument("--mia-samples", type=int, default=500,
+                   help="members and non-members each for the membership-inference test (default: 500)")
     p.set_defaults(handler=run_audit)
     return p
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    from audit.report import build_report, timestamp, write_report
     from fedvision.io import default_device
     from fedvision.models import load_model
 
+    started = timestamp()
     model = load_model(args.model)
     meta = model.fedvision_meta
     unknown = [name for name in args.checks if name not in CHECKS]
     if unknown:
         raise ConfigError(f"--checks: unknown check '{unknown[0]}' (choose from {', '.join(CHECKS)})")
+    if not 0 < args.confidence < 1:
+        raise ConfigError(f"--confidence must be in (0, 1), got {args.confidence}")
     checks = {name: CHECKS[name] for name in dict.fromkeys(args.checks)}
     options = {name: check.options(args, meta) for name, check in checks.items()}  # validate before loading data
-    dataset = _load_data(args, meta)
+    run_record = _read_run(args.run) if args.run else None
     model.to(default_device())
+    inputs = _load_inputs(args, meta, model, run_record)
     written: list[Path] = []
+    results = {}
     for name, check in checks.items():
-        result = check.run(model, dataset, options[name])
+        result = check.run(model, inputs, options[name])
         result["source"] = {"model": str(args.model), "data": args.data, "split": args.split}
-        written += check.write(result, args.out)
+        if check.write is not None:
+            written += check.write(result, args.out)
         check.summary(result)
+        results[name] = result
+    report = build_report(args.model, meta, inputs, results, confidence=args.confidence, started=started,
+                          options={k: v for k, v in vars(args).items() if k != "handler"})
+    written += write_report(report, args.out)
+    for finding in report["findings"]:
+        print(f"  [{finding['status']}] {finding['check']}: {finding['reason']}")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def fairness_options(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``audit.fairness.assess_fairness`` from the command line."""
+    if args.min_group_size < 1:
+        raise ConfigError(f"--min-group-size must be ≥ 1, got {args.min_group_size}")
+    if args.n_boot < 0:
+        raise ConfigError(f"--n-boot must be ≥ 0 (0: no intervals), got {args.n_boot}")
+    return {"min_group_size": args.min_group_size, "n_boot": args.n_boot, "confidence": args.confidence,
+            "seed": args.seed}
+
+
+def privacy_options(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``audit.privacy.run_privacy_audit`` from the command line."""
+    if args.mia_samples < 2:
+        raise ConfigError(f"--mia-samples must be ≥ 2, got {args.mia_samples}")
+    return {"max_samples": args.mia_samples, "seed": args.seed, "confidence": args.confidence}
 
 
 def robustness_options(args: argparse.Namespace, meta: dict[str, Any]):
@@ -125,6 +189,30 @@ def _positive_or_all(value: int, flag: str) -> int | None:
     return value or None
 
 
+def _read_run(run_dir: Path) -> dict[str, Any]:
+    from fedvision.federation import RUN_RECORD, read_run_record
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"--run: {run_dir} is not a folder (give the run folder that holds run.json)")
+    return read_run_record(run_dir / RUN_RECORD)
+
+
+def _load_inputs(args: argparse.Namespace, meta: dict[str, Any], model, run_record: Mapping[str, Any] | None):
+    """The audited split as ``AuditInputs``: its samples, class names, sensitive attributes and the model's
+    predictions on every sample (read by the performance section and the fairness check alike)."""
+    from audit.report import AuditInputs
+    from fedvision.train import evaluate
+
+    loaded = _load_data(args, meta)
+    names = [str(c) for c in meta.get("class_names") or []] or [str(c) for c in loaded.classes or []]
+    classes = names + [str(i) for i in range(len(names), meta["num_classes"])]
+    evaluation = evaluate(model, loaded.dataset)
+    return AuditInputs(spec=args.data, split=args.split, dataset=loaded.dataset, classes=classes,
+                       attributes=_sensitive_attributes(loaded.attributes, args.sensitive, run_record, args.data),
+                       data_summary=getattr(loaded, "summary", None) or {}, y_true=evaluation.y_true,
+                       y_pred=evaluation.y_pred, run_dir=args.run, run_record=run_record)
+
+
 def _load_data(args: argparse.Namespace, meta: dict[str, Any]):
     try:
         from fedvision.data import load_dataset
@@ -147,13 +235,50 @@ def _load_data(args: argparse.Namespace, meta: dict[str, Any]):
         raise DataError(f"{args.data}: classes {classes} do not match the model's {names}")
     if len(loaded.dataset) == 0:
         raise DataError(f"{args.data}: split '{args.split}' has no samples")
-    return loaded.dataset
+    return loaded
 
 
-def _run_robustness(model, dataset, options) -> dict[str, Any]:
+def _sensitive_attributes(attributes, requested: str | None, run_record: Mapping[str, Any] | None, spec: str):
+    """The columns of ``attributes`` to audit for fairness, a numeric age binned into bands.
+
+    Named with --sensitive, every name must be a column; by default the run config's ``sensitive`` (with --run)
+    or ``KNOWN_SENSITIVE``, keeping those the data has."""
+    import pandas as pd
+
+    table = attributes if isinstance(attributes, pd.DataFrame) else pd.DataFrame()
+    if requested is not None:
+        names = list(dict.fromkeys(s.strip() for s in requested.split(",") if s.strip()))
+        if not names:
+            raise ConfigError("--sensitive: name at least one column (e.g. --sensitive sex,skin_tone)")
+        missing = [n for n in names if n not in table.columns]
+        if missing:
+            raise ConfigError(f"--sensitive: '{missing[0]}' is not a column of {spec} "
+                              f"(its columns: {', '.join(map(str, table.columns)) or 'none'})")
+    else:
+        wanted = str(run_record["config"].get("sensitive", "")).split(",") if run_record else KNOWN_SENSITIVE
+        names = [n for n in (w.strip() for w in wanted) if n and n in table.columns]
+        if "age" in names and {"age_band", "age_group"} & set(names):  # the same attribute twice
+            names.remove("age")
+    out = table[names].reset_index(drop=True)
+    if "age" in out.columns and pd.api.types.is_numeric_dtype(out["age"]):
+        out = out.assign(age=_age_bands(out["age"]))
+    return out
+
+
+def _age_bands(ages) -> Any:
+    import numpy as np
+    import pandas as pd
+
+    low, high = AGE_BAND_EDGES
+    years = pd.to_numeric(ages, errors="coerce").to_numpy(dtype=float)
+    return np.select([np.isnan(years), years < low, years <= high], ["unknown", f"<{low}", f"{low}-{high}"],
+                     f">{high}")
+
+
+def _run_robustness(model, inputs, options) -> dict[str, Any]:
     from audit.robustness import run_robustness_audit
 
-    return run_robustness_audit(model, dataset, options)
+    return run_robustness_audit(model, inputs.dataset, options)
 
 
 def _write_robustness(result: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -179,6 +304,76 @@ def _print_robustness(result: dict[str, Any]) -> None:
             print(f"  SANITY CHECK FAILED (possible gradient masking or broken evaluation): {line}")
 
 
+def _run_fairness(model, inputs, options) -> dict[str, Any]:
+    from audit.fairness import assess_fairness
+
+    sensitive = [str(c) for c in inputs.attributes.columns]
+    federated = _federated_fairness(inputs.run_record, options)
+    if not sensitive and federated is None:
+        return {"assessed": False, "reason": "not assessed: the audited data has no sensitive attributes "
+                                             f"({', '.join(KNOWN_SENSITIVE)}) and no --run gave the sites' counts"}
+    pooled = assess_fairness(inputs.y_true, inputs.y_pred, inputs.attributes, labels=list(range(len(inputs.classes))),
+                             class_names=inputs.classes, **options) if sensitive else {}
+    return {"sensitive": sensitive, "attributes": pooled, "federated": federated, "params": options}
+
+
+def _federated_fairness(run_record: Mapping[str, Any] | None, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The fairness tables from the per-group confusion counts the sites reported in the run's last round."""
+    from audit.fairness import assess_fairness_from_confusion
+
+    rounds = (run_record or {}).get("rounds") or []
+    evaluation = (rounds[-1].get("evaluate") or {}) if rounds else {}
+    if not evaluation.get("group_confusion"):
+        return None
+    number = rounds[-1]["round"]
+    return {"round": number,
+            "source": f"run.json, round {number}: per-group confusion counts that each site computed on its own "
+                      "held-out data, summed by the coordinator (no image left a site)",
+            "attributes": assess_fairness_from_confusion(evaluation["group_confusion"], evaluation["classes"],
+                                                         **options)}
+
+
+def _print_fairness(result: dict[str, Any]) -> None:
+    if result.get("assessed") is False:
+        print(f"fairness: {result['reason']}")
+        return
+    for where, tables in (("pooled", result["attributes"]), ("federated", (result["federated"] or {}).get(
+            "attributes", {}))):
+        if tables:
+            flags = sum(len(t["flags"]) for t in tables.values())
+            small = sum(len(t["insufficient"]) for t in tables.values())
+            print(f"fairness ({where}): {len(tables)} attributes and intersections, {flags} flags, "
+                  f"{small} groups too small to judge")
+
+
+def _run_privacy(model, inputs, options) -> dict[str, Any]:
+    if inputs.run_dir is None:
+        return {"assessed": False, "reason": "not assessed: no --run given"}
+    from audit.privacy import run_privacy_audit
+
+    return run_privacy_audit(model, inputs.run_dir, **options)
+
+
+def _print_privacy(result: dict[str, Any]) -> None:
+    if result.get("assessed") is False:
+        print(f"privacy: {result['reason']}")
+        return
+    accounting, attack = result["accounting"], result["membership_inference"]
+    print(f"privacy: {accounting['method']}; ε_max = {_number(accounting['epsilon_max'])} over "
+          f"{len(accounting['sites'])} sites")
+    if attack is None:
+        print(f"  membership inference: skipped ({result['skipped']})")
+    else:
+        print(f"  membership inference on {attack['site']}: AUC {attack['auc']:.3f}; {attack['reason']}"
+              + ("  RED FLAG" if attack["red_flag"] else ""))
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
 CHECKS: dict[str, Check] = {
     "robustness": Check(robustness_options, _run_robustness, _write_robustness, _print_robustness),
+    "fairness": Check(fairness_options, _run_fairness, None, _print_fairness),
+    "privacy": Check(privacy_options, _run_privacy, None, _print_privacy),
 }

@@ -6,6 +6,7 @@ decision and every file it writes. The server never computes a site's ε: it rec
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -18,7 +19,7 @@ import torch
 
 import fedvision
 from fedvision.config import RunConfig
-from fedvision.errors import ConfigError, UpdateRejected
+from fedvision.errors import ConfigError, DataError, UpdateRejected
 from fedvision.io import atomic_write, atomic_write_json
 from fedvision.models import create_model, save_model, state_digest
 
@@ -144,8 +145,6 @@ class Coordinator:
                 raise ConfigError(f"resume: no checkpoint in {self.dir} (run-dir)")
             ckpt = torch.load(path, weights_only=True)
             self.round = int(ckpt["round"])
-            import json
-
             self.record = json.loads(ckpt["record"])
             self.record["config"] = self.run.to_mapping()
             self.record["resumes"].append({"at": _now(), "from_round": self.round})
@@ -251,8 +250,6 @@ class Coordinator:
 
         The checkpoint alone is enough to resume; it is written first, so a crash between the writes leaves a
         resumable run whose other files are at most one round behind."""
-        import json
-
         if self.record["rounds"]:  # the lineage: round k's parent_sha256 is round k-1's global_sha256
             self.record["rounds"][-1]["global_sha256"] = state_digest(global_state)
         payload = {"round": self.round, "state": {k: v.detach().cpu() for k, v in global_state.items()},
@@ -313,6 +310,21 @@ def federated_evaluation(evaluations: list[EvaluateReply]) -> dict[str, Any]:
         "group_confusion": {a: {g: cm.tolist() for g, cm in gs.items()} for a, gs in groups.items()},
         "classes": ok[0].classes if ok else [],
     }
+
+
+def read_run_record(path: str | Path) -> dict[str, Any]:
+    """``run.json`` as a dict; a missing, unreadable or foreign file raises DataError naming it."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no run record (is this a fedvision run folder?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read the run record ({e})") from None
+    if not isinstance(record, dict) or not str(record.get("format", "")).startswith("fedvision-run/") \
+            or not isinstance(record.get("sites", {}), dict):
+        raise DataError(f"{path}: not a fedvision run record (expected format fedvision-run/…)")
+    return record
 
 
 def _now() -> str:

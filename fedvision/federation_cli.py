@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvision.config import RunConfig
-from fedvision.errors import ConfigError, FedVisionError, ModelError
+from fedvision.errors import ConfigError, DataError, FedVisionError, ModelError
 from fedvision.io import atomic_write_json, atomic_write_text
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the repository root: pyproject.toml with [tool.flwr.app]
@@ -72,15 +72,24 @@ def simulate(overrides: dict[str, Any], sites: int, quiet: bool = False) -> Path
     print(f"fedvision: {verb} simulation of {sites} sites, {run.num_server_rounds} rounds, strategy "
           f"{run.strategy}, model {run.model}, DP {'on' if run.dp else 'OFF'} → {run_dir}", flush=True)
     started = time.time()
-    with open(run_dir / "flwr.log", "a") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                cwd=run_dir)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log_file.write(line)
-            if not quiet and _shown(line):
-                print(line.rstrip(), flush=True)
-        code = proc.wait()
+    database = run_dir / ".flwr" / "local-superlink" / "state.db"
+    _stop_stale_local_superlinks(database)
+    try:
+        with open(run_dir / "flwr.log", "a") as log_file:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                    cwd=run_dir)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log_file.write(line)
+                if not quiet and _shown(line):
+                    print(line.rstrip(), flush=True)
+            code = proc.wait()
+    finally:
+        # `flwr run` leaves its local SuperLink running for reuse; a later run with another FLWR_HOME would
+        # then talk to this one (whose files may be gone). Each simulation owns its SuperLink: stop it.
+        for pid, db in _local_superlinks():
+            if Path(db) == database:
+                _stop(pid)
     record = _read_record(run_dir)
     if code != 0 or record.get("status") != "completed":
         tail = _last_error(run_dir / "flwr.log")
@@ -89,6 +98,57 @@ def simulate(overrides: dict[str, Any], sites: int, quiet: bool = False) -> Path
     print(f"fedvision: run complete in {time.time() - started:.0f}s: {run_dir / 'global_model.pt'}, "
           f"{run_dir / 'run.json'}", flush=True)
     return run_dir
+
+
+def _processes() -> list[tuple[int, list[str]]]:
+    """(pid, command line) of this machine's processes (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append((int(entry.name), [a.decode(errors="replace")
+                                                for a in (entry / "cmdline").read_bytes().split(b"\0") if a]))
+            except OSError:
+                continue
+    return found
+
+
+def _local_superlinks() -> list[tuple[int, str]]:
+    """(pid, database) of every local simulation SuperLink that `flwr run` started on this machine."""
+    return [(pid, args[args.index("--database") + 1]) for pid, args in _processes()
+            if any(a.endswith("flower-superlink") for a in args[:2]) and "--simulation" in args
+            and "--database" in args]
+
+
+def _stop_stale_local_superlinks(database: Path) -> None:
+    """Stop idle local SuperLinks left by earlier runs; refuse to disturb a simulation that is running."""
+    running = [pid for pid, args in _processes() if any(a.endswith("flwr-simulation") for a in args[:2])]
+    if running:
+        raise ConfigError(f"another simulation is running (flwr-simulation pid {running[0]}); Flower's local "
+                          "SuperLink serves one simulation at a time: wait for it to finish or stop it")
+    for pid, _ in _local_superlinks():
+        _stop(pid)
+
+
+def _stop(pid: int, timeout: float = 15.0) -> None:
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + timeout
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+    except OSError:
+        return False
 
 
 def _check_model(run: RunConfig) -> None:
@@ -118,9 +178,12 @@ def _last_error(log: Path) -> str:
 
 
 def _read_record(run_dir: Path) -> dict[str, Any]:
+    """The run record, or {} when Flower failed before writing one (the caller reports the failure)."""
+    from fedvision.federation import RUN_RECORD, read_run_record  # torch: not at `fedvision --help` time
+
     try:
-        return json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_run_record(run_dir / RUN_RECORD)
+    except DataError:
         return {}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from audit.report import validate_report
 from fedvision.privacy import PrivacyLedger
 
 pytestmark = pytest.mark.slow
@@ -147,4 +148,7 @@ def test_quick_demo_trains_three_dp_sites_and_audits_the_global_model(tmp_path):
     assert all(0 < s["epsilon"] <= 8.0 for s in rec["sites"].values())
     robustness = json.loads((report / "robustness.json").read_text())
     assert robustness["certification"]["params"]["sigma"] == 0.25  # the σ the demo model was trained with
-    assert "report" in proc.stdout
+    full = json.loads((report / "report.json").read_text())
+    validate_report(full)
+    assert full["privacy"]["assessed"] and full["fairness"]["federated"] is not None
+    assert str(report / "report.html") in proc.stdout and (report / "report.html").is_file()
