@@ -201,6 +201,7 @@ def _load_inputs(args: argparse.Namespace, meta: dict[str, Any], model, run_reco
     """The audited split as ``AuditInputs``: its samples, class names, sensitive attributes and the model's
     predictions on every sample (read by the performance section and the fairness check alike)."""
     from audit.report import AuditInputs
+    from fedvision.models import state_digest
     from fedvision.train import evaluate
 
     loaded = _load_data(args, meta)
@@ -210,7 +211,8 @@ def _load_inputs(args: argparse.Namespace, meta: dict[str, Any], model, run_reco
     return AuditInputs(spec=args.data, split=args.split, dataset=loaded.dataset, classes=classes,
                        attributes=_sensitive_attributes(loaded.attributes, args.sensitive, run_record, args.data),
                        data_summary=getattr(loaded, "summary", None) or {}, y_true=evaluation.y_true,
-                       y_pred=evaluation.y_pred, run_dir=args.run, run_record=run_record)
+                       y_pred=evaluation.y_pred, run_dir=args.run, run_record=run_record,
+                       weights_sha256=state_digest(model.state_dict()))
 
 
 def _load_data(args: argparse.Namespace, meta: dict[str, Any]):

@@ -53,6 +53,7 @@ class AuditInputs:
     y_pred: np.ndarray  # ... and the model's predictions: performance and fairness read the same predictions
     run_dir: Path | None = None
     run_record: Mapping[str, Any] | None = None  # the run's run.json
+    weights_sha256: str | None = None  # fedvision.models.state_digest of the audited model's weights
 
 
 def build_report(model_path: str | Path, model_meta: Mapping[str, Any], inputs: AuditInputs,
@@ -73,13 +74,13 @@ def build_report(model_path: str | Path, model_meta: Mapping[str, Any], inputs: 
     report = {
         "format": REPORT_FORMAT,
         "generated": now,
-        "model": _model(model_path, model_meta),
+        "model": {**_model(model_path, model_meta), "weights_sha256": inputs.weights_sha256},
         "performance": performance,
         "privacy": privacy,
         "robustness": robustness,
         "fairness": fairness,
         "provenance": _provenance(inputs, options or {}, started or now, now),
-        "findings": [*_performance_findings(performance), *_privacy_findings(privacy),
+        "findings": [lineage_finding(inputs), *_performance_findings(performance), *_privacy_findings(privacy),
                      *_robustness_findings(robustness), *_fairness_findings(fairness)],
     }
     return _plain(report)
@@ -292,7 +293,7 @@ def _run_provenance(run_dir: Path | None, record: Mapping[str, Any] | None) -> d
             "local_accuracy_last_round": local.get("accuracy"),
             "rounds_accepted": sum(name in r.get("accepted", []) for r in rounds),
             **{f"rounds_{kind}": sum(e.get("site") == name for e in record.get(kind, []))
-               for kind in ("rejected", "refused", "failed")},
+               for kind in ("rejected", "refused", "failed", "suspects")},
         }
     return {
         "dir": str(run_dir) if run_dir else None,
@@ -305,7 +306,7 @@ def _run_provenance(run_dir: Path | None, record: Mapping[str, Any] | None) -> d
         "config": record.get("config", {}),
         "versions": record.get("versions", {}),
         "sites": sites,
-        **{kind: record.get(kind, []) for kind in ("rejected", "refused", "failed", "resumes")},
+        **{kind: record.get(kind, []) for kind in ("rejected", "refused", "failed", "suspects", "resumes")},
     }
 
 
@@ -314,6 +315,21 @@ def _run_provenance(run_dir: Path | None, record: Mapping[str, Any] | None) -> d
 # ---------------------------------------------------------------------------------------------------------
 def _finding(check: str, status: str, reason: str) -> dict[str, str]:
     return {"check": check, "status": status, "reason": reason}
+
+
+def lineage_finding(inputs: AuditInputs) -> dict[str, str]:
+    """Is the audited model the run's result? The run record holds the sha256 of each round's global weights."""
+    rounds = (inputs.run_record or {}).get("rounds") or []
+    final = rounds[-1].get("global_sha256") if rounds else None
+    if final is None or inputs.weights_sha256 is None:
+        return _finding("provenance", "not assessed", "no --run with a weights lineage: the audited model is not "
+                                                      "tied to a training run")
+    if inputs.weights_sha256 == final:
+        return _finding("provenance", "pass", f"the audited weights are the run's round {rounds[-1]['round']} "
+                                              f"global model (sha256 {final[:12]}…)")
+    earlier = [r["round"] for r in rounds if r.get("global_sha256") == inputs.weights_sha256]
+    where = f"round {earlier[-1]}'s global model, not the final one" if earlier else "not a model this run produced"
+    return _finding("provenance", "flag", f"the audited weights are {where} (run record: {final[:12]}…)")
 
 
 def _performance_findings(p: Mapping[str, Any]) -> list[dict[str, str]]:

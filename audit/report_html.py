@@ -224,15 +224,17 @@ def _provenance_section(report: Mapping[str, Any]) -> str:
             ]),
             "<h3>Sites</h3>",
             _table(["site", "training samples", "local held-out samples", "local accuracy (last round)",
-                    "rounds aggregated", "rejected", "refused", "failed"],
+                    "rounds aggregated", "rejected", "refused", "failed", "suspect"],
                    [[name, _text(s["train_examples"]), _text(s["local_test_examples"]),
                      _num(s["local_accuracy_last_round"]), s["rounds_accepted"], s["rounds_rejected"],
-                     s["rounds_refused"], s["rounds_failed"]] for name, s in run["sites"].items()]),
+                     s["rounds_refused"], s["rounds_failed"], s["rounds_suspects"]]
+                    for name, s in run["sites"].items()]),
         ]
         events = [[kind, e.get("round"), e.get("site"), e.get("reason")]
-                  for kind in ("rejected", "refused", "failed") for e in run.get(kind, [])]
+                  for kind in ("rejected", "refused", "failed", "suspects") for e in run.get(kind, [])]
         if events:
-            parts += ["<h4>Updates not aggregated</h4>", _table(["kind", "round", "site", "reason"], events)]
+            parts += ["<h4>Updates not aggregated, and aggregated updates named as suspect</h4>",
+                      _table(["kind", "round", "site", "reason"], events)]
         parts.append(_details("Run configuration (run-config keys)",
                               _table(["key", "value"], [[k, _text(v)] for k, v in config.items()], css="compact")))
     versions = sorted(set(audit["versions"]) | set((run or {}).get("versions", {})))

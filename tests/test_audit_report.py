@@ -145,8 +145,11 @@ def test_report_of_a_real_audit_validates_and_matches_its_sources(audited, run_d
     assert report["provenance"]["data"]["sha256"] == test.summary["sha256"]
 
     checks = [f["check"] for f in report["findings"]]
-    assert checks[:5] == ["performance", "privacy: accounting", "privacy: membership inference",
+    assert checks[:6] == ["provenance", "performance", "privacy: accounting", "privacy: membership inference",
                           "robustness: certified", "robustness: attacks"]
+    # the audited weights are the run's final global weights, by the lineage hash run.json records
+    assert report["findings"][0]["status"] == "pass"
+    assert report["model"]["weights_sha256"] == record["rounds"][-1]["global_sha256"]
     assert "fairness: federated (site-computed)" in checks
     assert not [f for f in report["findings"] if f["status"] == "not assessed"]
 
@@ -224,6 +227,21 @@ def test_schema_rejects_a_report_missing_a_required_key(small_report):
     broken["robustness"] = {"assessed": True}  # claims an assessment without its numbers
     with pytest.raises(ValueError, match="robustness"):
         validate_report(broken)
+
+
+def test_provenance_flags_a_model_that_is_not_the_runs_result(small_report, tmp_path):
+    from audit.report import AuditInputs, lineage_finding
+
+    rounds = [{"round": 1, "global_sha256": "a" * 64}, {"round": 2, "global_sha256": "b" * 64}]
+    def finding(weights):
+        return lineage_finding(AuditInputs(spec="x", split="test", dataset=None, classes=["no", "yes"],
+                                            attributes=pd.DataFrame(), data_summary={}, y_true=np.zeros(1, int),
+                                            y_pred=np.zeros(1, int), run_record={"rounds": rounds},
+                                            weights_sha256=weights))
+    assert finding("b" * 64)["status"] == "pass"
+    assert finding("a" * 64)["status"] == "flag" and "round 1" in finding("a" * 64)["reason"]
+    assert finding("c" * 64)["status"] == "flag" and "not a model this run produced" in finding("c" * 64)["reason"]
+    assert {f["check"]: f["status"] for f in small_report["findings"]}["provenance"] == "not assessed"
 
 
 def test_a_check_that_did_not_run_is_never_a_pass(small_report):
