@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Mapping
 from typing import Any
 
 from audit import (ATTACK_NORMS, DEFAULT_ALPHA, DEFAULT_ATTACKS, DEFAULT_EPS, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII,
@@ -25,9 +25,6 @@ from fedvision.errors import ConfigError, DataError, FedVisionError
 
 # Sensitive attributes audited by default (without --sensitive and --run) when the data has them.
 KNOWN_SENSITIVE = ("sex", "age_band", "age_group", "age", "skin_tone", "site")
-# A numeric age (years) is audited in the bands of the bundled data (fedvision.data.synthetic.AGE_BANDS):
-# < 40, 40–60 (both ends included), > 60; a missing age is its own group "unknown".
-AGE_BAND_EDGES = (40, 60)
 
 
 @dataclass(frozen=True)
@@ -241,7 +238,7 @@ def _load_data(args: argparse.Namespace, meta: dict[str, Any]):
 
 
 def _sensitive_attributes(attributes, requested: str | None, run_record: Mapping[str, Any] | None, spec: str):
-    """The columns of ``attributes`` to audit for fairness, a numeric age binned into bands.
+    """The columns of ``attributes`` to audit for fairness (a numeric age is banded by fedvision.groups).
 
     Named with --sensitive, every name must be a column; by default the run config's ``sensitive`` (with --run)
     or ``KNOWN_SENSITIVE``, keeping those the data has."""
@@ -261,20 +258,7 @@ def _sensitive_attributes(attributes, requested: str | None, run_record: Mapping
         names = [n for n in (w.strip() for w in wanted) if n and n in table.columns]
         if "age" in names and {"age_band", "age_group"} & set(names):  # the same attribute twice
             names.remove("age")
-    out = table[names].reset_index(drop=True)
-    if "age" in out.columns and pd.api.types.is_numeric_dtype(out["age"]):
-        out = out.assign(age=_age_bands(out["age"]))
-    return out
-
-
-def _age_bands(ages) -> Any:
-    import numpy as np
-    import pandas as pd
-
-    low, high = AGE_BAND_EDGES
-    years = pd.to_numeric(ages, errors="coerce").to_numpy(dtype=float)
-    return np.select([np.isnan(years), years < low, years <= high], ["unknown", f"<{low}", f"{low}-{high}"],
-                     f">{high}")
+    return table[names].reset_index(drop=True)  # a numeric age is banded where groups are formed (groups.py)
 
 
 def _run_robustness(model, inputs, options) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from fedvision.errors import ConfigError, DataError
-from fedvision.groups import INTERSECTION, group_labels
+from fedvision.groups import INTERSECTION, group_labels, group_sort_key
 
 METRICS = ("accuracy", "recall", "fpr", "selection_rate")
 JUDGED = {"accuracy": "higher", "recall": "higher", "fpr": "lower"}  # metric → which direction is better
@@ -140,7 +140,7 @@ def _attribute_table(attribute: str, y_true: np.ndarray, y_pred: np.ndarray, gro
     k = len(class_names)
     frame = MetricFrame(metrics=_metric_functions(k), y_true=y_true, y_pred=y_pred,
                         sensitive_features=pd.Series(groups, name=attribute))
-    confusion = {g: _confusion(y_true[groups == g], y_pred[groups == g], k) for g in sorted(set(groups.tolist()))}
+    confusion = {g: _confusion(y_true[groups == g], y_pred[groups == g], k) for g in sorted(set(groups.tolist()), key=group_sort_key)}
     table_groups = {}
     for g, cm in confusion.items():
         count = int(cm.sum())

@@ -20,7 +20,7 @@ import torch
 
 from fedvision.config import NodeConfig, RunConfig, named_split
 from fedvision.errors import ConfigError
-from fedvision.groups import group_labels
+from fedvision.groups import group_labels, group_sort_key
 from fedvision.io import atomic_write, file_lock
 from fedvision.models import create_model, state_digest
 from fedvision.privacy import PrivacyLedger
@@ -206,7 +206,7 @@ class Site:
         groups = {}
         for attribute, labels in group_labels(present).items():
             groups[attribute] = {g: confusion_counts(result.y_true[labels == g], result.y_pred[labels == g], k)
-                                 for g in sorted(set(labels.tolist()))}
+                                 for g in sorted(set(labels.tolist()), key=group_sort_key)}
         # The whole matrix travels as a flat metric (row-major) so the coordinator can add a per-site table.
         whole = [c for row in confusion_counts(result.y_true, result.y_pred, k) for c in row]
         return {"num-examples": result.num_examples, "accuracy": result.accuracy, "loss": result.loss,

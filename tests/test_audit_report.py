@@ -283,13 +283,20 @@ def test_wilson_interval_matches_scipy():
     assert wilson_interval(0, 0, 0.95) is None
 
 
-def test_numeric_age_is_audited_in_bands():
+def test_numeric_age_is_audited_in_bands_at_sites_and_in_the_audit_alike():
     from audit.cli import _sensitive_attributes
+    from audit.fairness import assess_fairness
+    from fedvision.groups import group_labels
 
     table = pd.DataFrame({"age": [12, 39.9, 40, 60, 60.5, None], "sex": list("FMFMFM")})
     out = _sensitive_attributes(table, None, None, "manifest:m.csv")
     assert list(out.columns) == ["sex", "age"]  # KNOWN_SENSITIVE order
-    assert out["age"].tolist() == ["<40", "<40", "40-60", "40-60", ">60", "unknown"]
+    labels = group_labels(out)  # what assess_fairness and Site.evaluate both group by
+    assert labels["age"].tolist() == ["<40", "<40", "40-60", "40-60", ">60", "unknown"]
+    assert labels["sex×age"][0] == "F×<40"
+    y = np.zeros(6, int)
+    assert list(assess_fairness(y, y, out, labels=[0, 1], min_group_size=1, n_boot=0)["age"]["groups"]) == [
+        "<40", "40-60", ">60", "unknown"]
 
 
 # --------------------------------------------------------------------------------------------------------
