@@ -83,8 +83,11 @@ def test_killed_coordinator_resumes_without_losing_or_double_counting_privacy(th
         else:
             pytest.fail("round 2 never completed")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, flwr, the local SuperLink and the simulation
+        # The coordinator's machine dies: the CLI and flwr, and the local SuperLink that Flower detached into its
+        # own session, with the simulation it runs.
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        _kill_flower_processes()
     assert record(out)["status"] == "running"
 
     fedvision("run", "--resume", str(out))
@@ -95,6 +98,20 @@ def test_killed_coordinator_resumes_without_losing_or_double_counting_privacy(th
         # Same ε as the uninterrupted run: no spend forgotten, none counted twice.
         assert rec["sites"][name]["epsilon"] == pytest.approx(ref["sites"][name]["epsilon"], rel=1e-9)
         assert len(PrivacyLedger(out / "sites" / name / "ledger.json").entries) == 3
+
+
+def _kill_flower_processes() -> None:
+    names = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr-clientapp")
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")[:2] if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if any(a.decode(errors="replace").endswith(names) for a in args):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_site_with_too_small_budget_is_refused_and_the_run_goes_on(tmp_path):
