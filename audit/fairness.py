@@ -140,7 +140,8 @@ def _attribute_table(attribute: str, y_true: np.ndarray, y_pred: np.ndarray, gro
     k = len(class_names)
     frame = MetricFrame(metrics=_metric_functions(k), y_true=y_true, y_pred=y_pred,
                         sensitive_features=pd.Series(groups, name=attribute))
-    confusion = {g: _confusion(y_true[groups == g], y_pred[groups == g], k) for g in sorted(set(groups.tolist()), key=group_sort_key)}
+    confusion = {g: _confusion(y_true[groups == g], y_pred[groups == g], k)
+                 for g in sorted(set(groups.tolist()), key=group_sort_key)}
     table_groups = {}
     for g, cm in confusion.items():
         count = int(cm.sum())

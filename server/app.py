@@ -29,6 +29,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(run)
     restore_strategy_state(strategy, saved_strategy)
     names: dict[int, str] = {}  # node id → site name, to name sites whose reply is an error
+    silence = f"no reply within round-timeout {run.round_timeout:g}s"
 
     if coordinator.round == 0 and (central := coordinator.central_evaluate(state)) is not None:
         coordinator.record["initial_central"] = central
@@ -42,8 +43,7 @@ def main(grid: Grid, context: Context) -> None:
         replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
         # Sites that did not answer (killed, cut off, too slow) are named as failed, not silently dropped.
         train_replies = [_train_reply(m, names) for m in replies] + [
-            TrainReply(site=_site_name(node, names), error=f"no reply within round-timeout {run.round_timeout:g}s")
-            for node in _silent(messages, replies)]
+            TrainReply(site=_site_name(node, names), error=silence) for node in _silent(messages, replies)]
         accepted = coordinator.screen(server_round, train_replies, state)
         aggregated = False
         if len(accepted) >= run.min_train_nodes:
@@ -58,7 +58,7 @@ def main(grid: Grid, context: Context) -> None:
         eval_messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), ConfigRecord(), grid))
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=run.round_timeout))
         evaluations = [_evaluate_reply(m, names) for m in eval_replies] + [
-            EvaluateReply(site=_site_name(node, names), error=f"no reply within round-timeout {run.round_timeout:g}s")
+            EvaluateReply(site=_site_name(node, names), error=silence)
             for node in _silent(eval_messages, eval_replies)]
         central = coordinator.central_evaluate(state)
         coordinator.finish_round(server_round, train_replies, accepted, aggregated, evaluations, central,

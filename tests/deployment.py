@@ -88,7 +88,8 @@ class LocalDeployment:
 
     def _listening(self) -> bool:
         if self.superlink is not None and self.superlink.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited ({self.superlink.returncode}):\n{self.log('superlink')[-3000:]}")
+            raise RuntimeError(f"flower-superlink exited ({self.superlink.returncode}):\n"
+                               f"{self.log('superlink')[-3000:]}")
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
