@@ -166,7 +166,7 @@ def _attribute_table(attribute: str, y_true: np.ndarray, y_pred: np.ndarray, gro
         "differences": differences,
         "ratios": ratios,
         "disparity": disparity,
-        "flags": _flags(values, reference, options.ratio_bounds),
+        "flags": _flags(values, reference, options.ratio_bounds, table_groups),
         "insufficient": [g for g, row in table_groups.items() if not row["sufficient"]],
         "params": _params(options, class_names),
     }
@@ -224,7 +224,10 @@ def _spread(values: dict[str, dict[str, float | None]]) -> tuple[dict, dict]:
 
 
 def _flags(values: dict[str, dict[str, float | None]], reference: str | None,
-           bounds: tuple[float, float]) -> list[dict[str, Any]]:
+           bounds: tuple[float, float], table_groups: dict[str, Any]) -> list[dict[str, Any]]:
+    """Four-fifths-rule flags on point values. ``outside_with_ci`` says whether the group's whole bootstrap
+    interval lies outside [low, high] × the reference's value, i.e. whether resampling the group could not
+    bring it back within the bounds (the reference's own uncertainty is not included)."""
     if reference is None:
         return []
     low, high = bounds
@@ -242,8 +245,10 @@ def _flags(values: dict[str, dict[str, float | None]], reference: str | None,
             direction = "worse" if ((value < ref) if better == "higher" else (value > ref)) else "better"
             comparison = (f"is {ratio:.2f}× the {ref:.3f} of reference group {reference}" if ratio is not None else
                           f"against 0 in reference group {reference} (no finite ratio)")
+            ci = table_groups[g]["metrics"][m]["ci"]
+            outside_with_ci = bool(ci) and (ci[1] < low * ref or ci[0] > high * ref)
             flags.append({"group": g, "metric": m, "value": value, "reference": ref, "ratio": ratio,
-                          "direction": direction,
+                          "direction": direction, "outside_with_ci": outside_with_ci,
                           "reason": f"{m} {value:.3f} {comparison}, outside [{low:g}, {high:g}] "
                                     f"({direction}; {better} is better)"})
     return flags

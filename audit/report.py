@@ -431,9 +431,13 @@ def _attribute_finding(check: str, tables: Mapping[str, Mapping[str, Any]]) -> d
     size = next(iter(tables.values()))["params"]["min_group_size"] if tables else MIN_SAMPLES
     small_note = f"; too small to judge (< {size}): {_listed(small)}" if small else ""
     if flags:
+        # lead with a flag that holds across the group's interval, and say how many do
+        flags.sort(key=lambda af: not af[1].get("outside_with_ci"))
         a, first = flags[0]
         more = f" (+{len(flags) - 1} more)" if len(flags) > 1 else ""
-        return _finding(check, "flag", f"{a} = {first['group']}: {first['reason']}{more}{small_note}")
+        firm = sum(bool(f.get("outside_with_ci")) for _, f in flags)
+        return _finding(check, "flag", f"{a} = {first['group']}: {first['reason']}{more}; {firm} of {len(flags)} "
+                                       f"outside the bounds across the group's whole interval{small_note}")
     if all(len(groups) < 2 for groups in judged.values()):
         return _finding(check, "insufficient data",
                         f"fewer than two groups with ≥ {size} samples to compare{small_note}")

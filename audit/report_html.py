@@ -372,7 +372,10 @@ def _fairness_section(fairness: Mapping[str, Any]) -> str:
 
 
 def _attribute_block(name: str, table: Mapping[str, Any], level: str, prefix: str = "") -> str:
-    flags = "".join(f"<li>{_e(flag['group'])}: {_e(flag['reason'])}</li>" for flag in table["flags"])
+    flags = "".join(f"<li>{_e(flag['group'])}: {_e(flag['reason'])}"
+                    + ("; <strong>outside the bounds across the group's whole interval</strong>"
+                       if flag.get("outside_with_ci") else "; within reach of the bounds inside the group's interval")
+                    + "</li>" for flag in table["flags"])
     return "\n".join([
         f"<h4>{_e(prefix)}{_e(name)}</h4>",
         '<div class="pair">',

@@ -107,6 +107,22 @@ def test_planted_accuracy_gap_is_flagged_and_the_best_group_is_not(binary):
     flag = next(f for f in table["flags"] if (f["group"], f["metric"]) == ("V", "accuracy"))
     assert flag["ratio"] == pytest.approx(flag["value"] / flag["reference"]) and flag["ratio"] < 0.8
     assert flag["direction"] == "worse" and "\n" not in flag["reason"]
+    # 300 samples at 0.6 against ≈0.92: the whole interval is below 0.8 × the reference, so the flag is firm.
+    lo, hi = table["groups"]["V"]["metrics"]["accuracy"]["ci"]
+    assert flag["outside_with_ci"] and hi < 0.8 * flag["reference"]
+
+
+def test_a_marginal_flag_on_a_small_group_is_not_firm():
+    # Exactly 30 of 40 right (0.75) against 1900 of 2000 (0.95): the point ratio 0.79 is flagged, but the small
+    # group's interval reaches above 0.8 × the reference.
+    rng = np.random.default_rng(3)
+    groups = np.array(["A"] * 2000 + ["B"] * 40)
+    y_true = rng.integers(0, 2, len(groups))
+    correct = np.array([True] * 1900 + [False] * 100 + [True] * 30 + [False] * 10)
+    table = assess_fairness(y_true, np.where(correct, y_true, 1 - y_true), pd.DataFrame({"g": groups}))["g"]
+    flag = next(f for f in table["flags"] if (f["group"], f["metric"]) == ("B", "accuracy"))
+    lo, hi = table["groups"]["B"]["metrics"]["accuracy"]["ci"]
+    assert flag["ratio"] < 0.8 and hi >= 0.8 * flag["reference"] and not flag["outside_with_ci"]
 
 
 def test_small_group_is_insufficient_data_and_never_judged(binary):
