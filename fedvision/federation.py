@@ -285,20 +285,12 @@ class Coordinator:
 
 
 def federated_evaluation(evaluations: list[EvaluateReply]) -> dict[str, Any]:
-    """Example-weighted accuracy over sites and per-group confusion counts summed over sites.
-
-    Besides the sites' own attributes, ``group_confusion["site"]`` holds each site's whole confusion matrix
-    under its site name, unless the site already reports a ``site`` attribute from its data (that column
-    names where each image came from, which is the same question asked more precisely)."""
+    """Example-weighted accuracy over sites and per-group confusion counts summed over sites."""
     ok = [e for e in evaluations if e.error is None and e.metrics.get("num-examples")]
     n = sum(e.metrics["num-examples"] for e in ok)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for e in ok:
-        by_attribute = dict(e.groups)
-        if "site" not in by_attribute and e.metrics.get("confusion") is not None:
-            k = len(e.classes)
-            by_attribute["site"] = {e.site: np.asarray(e.metrics["confusion"], dtype=int).reshape(k, k)}
-        for attr, by_group in by_attribute.items():
+        for attr, by_group in e.groups.items():
             for g, cm in by_group.items():
                 acc = groups.setdefault(attr, {})
                 acc[g] = acc.get(g, 0) + np.asarray(cm)

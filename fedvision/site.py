@@ -194,9 +194,9 @@ class Site:
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, global_state: StateDict) -> dict[str, Any]:
-        """Accuracy on the site's local test data, its whole confusion matrix (``confusion``, flat, row-major)
-        and, per sensitive attribute and per pair of them (``"a×b"``, see ``fedvision.groups``), per-group
-        confusion counts: fairness can be measured across the federation while no image leaves the site."""
+        """Accuracy on the site's local test data and, per sensitive attribute and per pair of them (``"a×b"``,
+        see ``fedvision.groups``), per-group confusion counts: fairness can be measured across the federation
+        while no image leaves the site. Data without a ``site`` column makes this site one group of ``site``."""
         if self.test_data is None or len(self.test_data) == 0:
             return {"num-examples": 0, "accuracy": 0.0, "loss": 0.0, "groups": {}}
         result = evaluate(self.model(global_state), self.test_data.dataset)
@@ -207,10 +207,10 @@ class Site:
         for attribute, labels in group_labels(present).items():
             groups[attribute] = {g: confusion_counts(result.y_true[labels == g], result.y_pred[labels == g], k)
                                  for g in sorted(set(labels.tolist()), key=group_sort_key)}
-        # The whole matrix travels as a flat metric (row-major) so the coordinator can add a per-site table.
-        whole = [c for row in confusion_counts(result.y_true, result.y_pred, k) for c in row]
+        if "site" not in groups:  # the data's own site column, where present, says the same more precisely
+            groups["site"] = {self.name: confusion_counts(result.y_true, result.y_pred, k)}
         return {"num-examples": result.num_examples, "accuracy": result.accuracy, "loss": result.loss,
-                "confusion": whole, "classes": list(self.test_data.classes), "groups": groups}
+                "classes": list(self.test_data.classes), "groups": groups}
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> list[list[int]]:
