@@ -60,6 +60,7 @@ class _Options:
     confidence: float
     seed: int
     intersections: bool
+    count_noise_std: float = 0.0  # std of the DP noise on each count (federated counts released with DP)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,13 +85,19 @@ def assess_fairness(y_true: Sequence, y_pred: Sequence, sensitive_features: pd.D
 def assess_fairness_from_confusion(group_confusion: Mapping[str, Mapping[str, Any]], classes: Sequence[str], *,
                                    min_group_size: int = 30, ratio_bounds: tuple[float, float] = (0.8, 1.25),
                                    n_boot: int = 200, confidence: float = 0.95, seed: int = 0,
-                                   intersections: bool = True) -> dict[str, Any]:
+                                   intersections: bool = True, count_noise_std: float = 0.0) -> dict[str, Any]:
     """The same table as ``assess_fairness``, from ``{attribute: {group: K×K counts (row = true class)}}``.
 
     That is run.json's ``rounds[-1]["evaluate"]["group_confusion"]`` with ``classes`` next to it. Intersections
     are whatever ``"a×b"`` attributes the sites counted; ``intersections=False`` leaves them out.
+    ``count_noise_std`` > 0: the counts carry Gaussian DP noise of that std (``count_noise_std`` in run.json).
+    They are then rounded and clipped at 0 (post-processing) for the point values, and every bootstrap resample
+    adds fresh noise of the same std to each cell, so the intervals cover the DP noise as well as sampling.
     """
     options = _options(min_group_size, ratio_bounds, n_boot, confidence, seed, intersections)
+    if not (isinstance(count_noise_std, (int, float)) and math.isfinite(count_noise_std) and count_noise_std >= 0):
+        raise ConfigError(f"count_noise_std: must be a finite number ≥ 0, got {count_noise_std!r}")
+    options = _Options(**{**options.__dict__, "count_noise_std": float(count_noise_std)})
     names = [str(c) for c in classes]
     if len(names) < 2:
         raise DataError(f"classes: need at least two class names, got {names}")
@@ -100,7 +107,8 @@ def assess_fairness_from_confusion(group_confusion: Mapping[str, Mapping[str, An
     for attribute, by_group in group_confusion.items():
         if not options.intersections and INTERSECTION in str(attribute):
             continue
-        true_index, pred_index, groups = _samples_from_counts(str(attribute), by_group, len(names))
+        true_index, pred_index, groups = _samples_from_counts(str(attribute), by_group, len(names),
+                                                              noisy=options.count_noise_std > 0)
         if len(true_index):
             tables[str(attribute)] = _attribute_table(str(attribute), true_index, pred_index, groups, names, options)
     return tables
@@ -149,8 +157,11 @@ def _attribute_table(attribute: str, y_true: np.ndarray, y_pred: np.ndarray, gro
                            "metrics": _metric_block(frame.by_group.loc[g], cm, _rng(options.seed, attribute, g),
                                                     options)}
     total = sum(confusion.values())
+    # The overall table sums every group's noisy counts: its noise std grows with √(number of groups).
+    overall_options = _Options(**{**options.__dict__,
+                                  "count_noise_std": options.count_noise_std * math.sqrt(len(confusion))})
     overall = {"count": int(total.sum()),
-               "metrics": _metric_block(frame.overall, total, _rng(options.seed, "overall"), options)}
+               "metrics": _metric_block(frame.overall, total, _rng(options.seed, "overall"), overall_options)}
     sufficient = [g for g, row in table_groups.items() if row["sufficient"]]
     values = {g: {m: table_groups[g]["metrics"][m]["value"] for m in METRICS} for g in sufficient}
     reference = max(sufficient, key=lambda g: values[g]["accuracy"], default=None)
@@ -186,18 +197,22 @@ def _confusion(y_true: Any, y_pred: Any, k: int) -> np.ndarray:
 
 
 def _metric_block(point: pd.Series, cm: np.ndarray, rng: np.random.Generator, options: _Options) -> dict:
-    intervals = _bootstrap(cm, rng, options.n_boot, options.confidence)
+    intervals = _bootstrap(cm, rng, options.n_boot, options.confidence, options.count_noise_std)
     return {m: {"value": _number(point[m]), "ci": intervals[m]} for m in METRICS}
 
 
-def _bootstrap(cm: np.ndarray, rng: np.random.Generator, n_boot: int, confidence: float) -> dict[str, list | None]:
-    """Percentile intervals from ``n_boot`` multinomial resamples of the confusion-matrix cells. Resamples in
-    which a metric is undefined (e.g. no positives drawn, for recall) are left out of that metric's interval."""
+def _bootstrap(cm: np.ndarray, rng: np.random.Generator, n_boot: int, confidence: float,
+               noise_std: float = 0.0) -> dict[str, list | None]:
+    """Percentile intervals from ``n_boot`` multinomial resamples of the confusion-matrix cells, each with fresh
+    Gaussian noise of ``noise_std`` per cell added (counts released with DP). Resamples in which a metric is
+    undefined (e.g. no positives drawn, for recall) are left out of that metric's interval."""
     n = int(cm.sum())
     if n_boot == 0 or n == 0:
         return {m: None for m in METRICS}
     k = cm.shape[0]
-    draws = rng.multinomial(n, cm.ravel() / n, size=n_boot).reshape(n_boot, k, k)
+    draws = rng.multinomial(n, cm.ravel() / n, size=n_boot).reshape(n_boot, k, k).astype(float)
+    if noise_std > 0:
+        draws = np.clip(draws + rng.normal(0.0, noise_std, draws.shape), 0.0, None)
     tail = (1.0 - confidence) / 2.0
     out: dict[str, list | None] = {}
     for m, replicates in confusion_metrics(draws).items():
@@ -300,7 +315,10 @@ def _params(options: _Options, class_names: list[str]) -> dict[str, Any]:
         "seed": options.seed,
         "method": ("fairlearn MetricFrame point values; " + (
             f"percentile bootstrap CIs, B={options.n_boot}, {options.confidence:.0%}, multinomial resampling of "
-            "each group's confusion matrix" if options.n_boot else "no CIs (n_boot=0)")),
+            "each group's confusion matrix" if options.n_boot else "no CIs (n_boot=0)") + (
+            f"; counts released with DP (Gaussian noise, std {options.count_noise_std:.3g} per cell): rounded and "
+            "clipped at 0 for point values, fresh noise of that std added to every resample"
+            if options.count_noise_std else "")),
         "task": "binary" if len(class_names) == 2 else "multi-class",
         "classes": class_names,
         "positive_class": class_names[-1],
@@ -397,8 +415,10 @@ def _columns(sensitive_features: Any, n: int) -> dict[str, np.ndarray]:
     return columns
 
 
-def _samples_from_counts(attribute: str, by_group: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The (true, predicted, group) samples that the groups' confusion counts stand for."""
+def _samples_from_counts(attribute: str, by_group: Any, k: int,
+                         noisy: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (true, predicted, group) samples that the groups' confusion counts stand for; ``noisy`` counts (DP) are
+    rounded and clipped at 0 first."""
     if not isinstance(by_group, Mapping):
         raise DataError(f"group_confusion[{attribute!r}]: expected {{group: K×K counts}}, got {type(by_group).__name__}")
     true_parts, pred_parts, group_parts = [], [], []
@@ -410,6 +430,8 @@ def _samples_from_counts(attribute: str, by_group: Any, k: int) -> tuple[np.ndar
             raise DataError(f"{where}: not a matrix of counts") from None
         if cm.shape != (k, k):
             raise DataError(f"{where}: shape {cm.shape}, expected ({k}, {k}) for {k} classes")
+        if noisy and np.all(np.isfinite(cm)):
+            cm = np.clip(np.round(cm), 0, None)
         if not np.all(np.isfinite(cm)) or np.any(cm < 0) or np.any(cm != np.round(cm)):
             raise DataError(f"{where}: counts must be non-negative integers")
         cells = np.repeat(np.arange(k * k), cm.astype(np.int64).ravel())

@@ -52,12 +52,19 @@ def privacy_from_run(run_dir: str | Path) -> dict[str, Any]:
         epsilon = entry.get("epsilon")
         budget = entry.get("epsilon_budget")
         sites.append({
-            "site": name, "epsilon": epsilon, "delta": entry.get("delta"), "epsilon_budget": budget,
+            "site": name, "epsilon": epsilon, "epsilon_rdp": entry.get("epsilon_rdp"), "delta": entry.get("delta"),
+            "epsilon_budget": budget,
             "noise_multiplier": entry.get("noise_multiplier"), "sample_rate": entry.get("sample_rate"),
             "steps": entry.get("steps"), "num_examples": entry.get("num_examples"),
             "accountant": entry.get("accountant") if epsilon is not None else "none",
             "within_budget": (epsilon <= budget) if epsilon is not None and budget is not None else None,
             "last_round": entry.get("last_round"),
+            # The local evaluation records are a separate record set with their own ε (parallel composition).
+            "epsilon_evaluation": entry.get("epsilon_evaluation"),
+            "evaluation_examples": entry.get("evaluation_examples"),
+            "exact_evaluation": entry.get("exact_evaluation"),
+            "secret_randomness": entry.get("secret_randomness"),
+            "released": _releases(entry),
         })
     accounted = [s for s in sites if s["epsilon"] is not None]
     deltas = [s["delta"] for s in accounted if s["delta"] is not None]
@@ -73,14 +80,26 @@ def privacy_from_run(run_dir: str | Path) -> dict[str, Any]:
         "dp": dp,
         "source": str(path),
         "completed_rounds": record.get("completed_rounds"),
-        "method": (f"{_accountant_words(accountant_name)} of Opacus, per-site cumulative over all rounds, δ={delta:g}"
+        "method": (f"{_accountant_words(accountant_name)}, per-site cumulative over every release the site's ledger "
+                   f"holds, training and local evaluation records accounted separately, δ={delta:g}"
                    if dp and delta is not None else
                    "no DP accounting: the run trained without differential privacy (no privacy guarantee)"),
     }
 
 
 def _accountant_words(name: str) -> str:
-    return "RDP accountant" if name == "rdp" else f"{name} accountant"
+    return {"rdp": "RDP accountant", "pld": "PLD accountant (dp-accounting)"}.get(name, f"{name} accountant")
+
+
+def _releases(entry: dict[str, Any]) -> str:
+    """What the site sent besides the DP-trained weights, in words (docs/privacy.md has the full list)."""
+    if entry.get("exact_evaluation"):
+        evaluation = "exact per-group evaluation counts (NOT private: the site chose exact release)"
+    elif entry.get("epsilon_evaluation") is not None:
+        evaluation = "per-group evaluation counts with Gaussian noise (ε above)"
+    else:
+        evaluation = "no evaluation counts"
+    return f"{evaluation}; declared: record counts, training time, policy and accounting metadata"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,12 +260,16 @@ def run_privacy_audit(model: torch.nn.Module, run_dir: str | Path, *, site: str 
     """
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
         raise ConfigError(f"max_samples: must be an integer ≥ 2, got {max_samples!r}")
+    from audit.mechanism import noise_independence
+
     accounting = privacy_from_run(run_dir)
     record = read_run_record(Path(run_dir) / RUN_RECORD)
+    mechanism = noise_independence(record)
     try:
         name, members, non_members, non_member_source = _site_samples(Path(run_dir), record, accounting, site)
     except _Skip as skip:
-        return {"accounting": accounting, "membership_inference": None, "skipped": str(skip)}
+        return {"accounting": accounting, "mechanism": mechanism, "membership_inference": None,
+                "skipped": str(skip)}
     rng = np.random.default_rng(seed)
     members, non_members = _cap(members, max_samples, rng), _cap(non_members, max_samples, rng)
     claim = next((s for s in accounting["sites"] if s["site"] == name and s["epsilon"] is not None), None)
@@ -257,7 +280,7 @@ def run_privacy_audit(model: torch.nn.Module, run_dir: str | Path, *, site: str 
                                   confidence=confidence, seed=seed)
     result.update({"site": name, "members_source": f"{name}'s training split (rebuilt from the run config)",
                    "non_members_source": non_member_source, "max_samples": max_samples})
-    return {"accounting": accounting, "membership_inference": result, "skipped": None}
+    return {"accounting": accounting, "mechanism": mechanism, "membership_inference": result, "skipped": None}
 
 
 class _Skip(Exception):

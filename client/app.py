@@ -62,7 +62,9 @@ def _spent(site: Site | None) -> dict:
 def evaluate(msg: Message, context: Context) -> Message:
     try:
         site = _site(context)
-        result = site.evaluate(msg.content["arrays"].to_torch_state_dict())
+        config = msg.content["config"] if "config" in msg.content else {}
+        result = site.evaluate(msg.content["arrays"].to_torch_state_dict(), int(config.get("server-round", 0)),
+                               groups=bool(config.get("groups", 1)))
     except FedVisionError as e:
         log.warning("%s cannot evaluate: %s", _name(context), e)
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0}),

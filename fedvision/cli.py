@@ -21,6 +21,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("fedvision.federation_cli", "add_parser"),
     ("audit.cli", "add_parser"),
     ("fedvision.certs", "add_parser"),
+    ("fedvision.site_cli", "add_parser"),
 ]
 
 

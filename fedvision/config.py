@@ -79,19 +79,34 @@ class RunConfig:
     max_physical_batch_size: int = _opt("memory bound on a physical batch", 128, _positive, "≥ 1")
     lr: float = _opt("local learning rate", 0.1, _positive, "> 0")
     momentum: float = _opt("local SGD momentum", 0.0, lambda v: 0 <= v < 1, "in [0, 1)")
-    dp: bool = _opt("train with DP-SGD (false only for debugging: no privacy guarantee)", True)
+    dp: bool = _opt("train with DP-SGD (false only in simulation, for debugging: no privacy guarantee; a deployed "
+                    "site refuses it)", True)
     max_grad_norm: float = _opt("DP-SGD per-sample clipping bound", 1.0, _positive, "> 0")
-    epsilon_budget: float = _opt("default per-site ε budget for the whole run (a site's node config overrides)",
+    epsilon_budget: float = _opt("ε a site may spend on its training records in this run (simulation: each "
+                                 "simulated site's whole budget); a deployed site spends at most its own run-epsilon",
                                  8.0, lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
-    delta: float = _opt("default per-site δ", 1e-5, _open_unit, "in (0, 1)")
+    delta: float = _opt("δ of this run (simulation: each simulated site's δ); a deployed site refuses a δ above "
+                        "its own", 1e-5, _open_unit, "in (0, 1)")
+    noise_multiplier: float = _opt("DP-SGD noise multiplier σ (0 = calibrated from the ε allotment over the run's "
+                                   "steps); a deployed site refuses a σ below its own floor", 0.0, _non_negative, "≥ 0")
+    evaluation_epsilon: float = _opt("simulation: ε each simulated site may spend per run on its local evaluation "
+                                     "records (noisy per-group counts)", 1.0,
+                                     lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+    exact_evaluation: bool = _opt("simulation: sites release exact evaluation counts (not private; the report "
+                                  "says so)", False)
     noise_std: float = _opt("Gaussian noise augmentation σ on inputs (for certification)", 0.0, _non_negative,
                             "≥ 0")
-    seed: int = _opt("seed for model initialisation, sampling and noise", 0, _non_negative, "≥ 0")
+    seed: int = _opt("public seed for data partitioning, local splits, model initialisation and augmentation; "
+                     "DP noise and sampling never use it (fresh OS entropy at every training)", 0, _non_negative, "≥ 0")
     # -- simulation only -----------------------------------------------------------------------------------
     site_epsilon_budgets: str = _opt("simulation: comma-separated ε budget per partition ('' = the default)", "")
-    simulated_attacks: str = _opt("tests and demos: poisoned sites, e.g. 'site-2:nan,site-3:scale=100,site-4:signflip'"
+    simulated_attacks: str = _opt("simulation only (tests and demos): poisoned sites, e.g. 'site-2:nan,site-3:scale=100,site-4:signflip'"
                                   "; 'site-4:nan/scale=100/signflip' rotates through the attacks round by round",
                                   "")
+    insecure_shared_dp_seed: int = _opt("simulation only, a test hook for the privacy audit: every simulated site "
+                                        "seeds its DP noise and sampling with this value (-1 = off). NOT private: "
+                                        "the ledgers, run.json and the report say so; a deployed site refuses it",
+                                        -1, lambda v: v >= -1, "≥ -1")
     # -- bookkeeping (set by the CLI) ----------------------------------------------------------------------
     run_dir: str = _opt("folder for checkpoints, run.json and (in simulation) site state", "fedvision-run")
     resume: bool = _opt("continue from the last checkpoint in run-dir", False)
@@ -149,9 +164,22 @@ class NodeConfig:
     test_data: str = _opt("the site's local evaluation data ('' = hold out local-test-fraction of data)", "")
     state_dir: str = _opt("folder for the site's privacy ledger and round cache", "")
     site_name: str = _opt("the site's name in reports ('' = derived from state-dir)", "")
-    epsilon_budget: float = _opt("the site's ε budget for this federation (0 = run config default)", 0.0,
-                                 lambda v: v >= 0 and math.isfinite(v), "a finite number ≥ 0")
-    delta: float = _opt("the site's δ (0 = run config default)", 0.0, lambda v: 0 <= v < 1, "in [0, 1)")
+    # -- the site's privacy policy (a deployed site always trains with DP; a run may only ask for stricter) --
+    epsilon_budget: float = _opt("required: the site's lifetime ε budget, for its training records and, "
+                                 "separately, for its local evaluation records", 0.0,
+                                 lambda v: v >= 0 and math.isfinite(v), "a finite number > 0")
+    delta: float = _opt("required: the site's δ, below 1/N for its N records; the site refuses runs asking more",
+                        0.0, lambda v: 0 <= v < 1, "in (0, 1)")
+    run_epsilon: float = _opt("ε one run may add to the training records (0 = the rest of epsilon-budget); the run's "
+                              "own epsilon-budget lowers it", 0.0, lambda v: v >= 0 and math.isfinite(v),
+                              "a finite number ≥ 0")
+    evaluation_epsilon: float = _opt("ε one run may add to the local evaluation records (noisy per-group counts)",
+                                     1.0, lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+    exact_evaluation: bool = _opt("release exact evaluation counts instead (not private; the report names it)", False)
+    min_noise_multiplier: float = _opt("floor on the DP-SGD noise multiplier; runs asking less are refused", 0.0,
+                                       _non_negative, "≥ 0")
+    max_grad_norm: float = _opt("ceiling on the run's max-grad-norm (0 = none); runs asking more are refused", 0.0,
+                                _non_negative, "≥ 0")
     # Set by Flower's simulation engine:
     partition_id: int = _opt("simulation: this node's partition", -1)
     num_partitions: int = _opt("simulation: number of partitions", 0)

@@ -28,3 +28,7 @@ class BudgetExceededError(FedVisionError, RuntimeError):
 
 class UpdateRejected(FedVisionError, ValueError):
     """A site's model update failed validation on the server."""
+
+
+class PolicyRefusal(FedVisionError, RuntimeError):
+    """A run asks a site for less privacy than the site's own policy allows."""

@@ -19,6 +19,7 @@ import torch
 
 import fedvision
 from fedvision.config import RunConfig
+from fedvision.dp import ACCOUNTANT
 from fedvision.errors import ConfigError, DataError, UpdateRejected
 from fedvision.io import atomic_write, atomic_write_json
 from fedvision.models import create_model, save_model, state_digest
@@ -156,6 +157,8 @@ class Coordinator:
             raise ConfigError(f"run-dir {self.dir} already holds a run; resume it or choose another folder")
         model = self.initial_model()
         self.record["classes"] = self._classes
+        # The audit's noise-independence check needs the dimension the DP noise lives in.
+        self.record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.record["initial_sha256"] = state_digest(model.state_dict())
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, {}
 
@@ -186,6 +189,7 @@ class Coordinator:
                     del valid[i]
         for i, norm in valid.items():
             replies[i].metrics["update-norm"] = norm
+        self._geometry = update_geometry(reference, {replies[i].site: replies[i].arrays for i in valid})
         return sorted(valid)
 
     def _note(self, kind: str, server_round: int, site: str, reason: str) -> None:
@@ -224,21 +228,30 @@ class Coordinator:
             site_rows[r.site] = row
             if "epsilon" in r.metrics:  # what the site's ledger says, cumulative (a refusing site reports it too)
                 before = self.record["sites"].get(r.site, {})
-                self.record["sites"][r.site] = {
+                self.record["sites"][r.site] = {**before,
                     "num_examples": int(r.metrics.get("num-examples") or before.get("num_examples", 0)),
-                    "epsilon": r.metrics["epsilon"], "delta": r.metrics.get("delta"),
+                    "epsilon": r.metrics["epsilon"], "epsilon_rdp": r.metrics.get("epsilon-rdp"),
+                    "delta": r.metrics.get("delta"),
                     "epsilon_budget": r.metrics.get("epsilon-budget"),
                     "noise_multiplier": r.metrics.get("noise-multiplier", before.get("noise_multiplier")),
                     "sample_rate": r.metrics.get("sample-rate", before.get("sample_rate")),
-                    "steps": int(r.metrics.get("steps-total", 0)), "accountant": "rdp", "last_round": server_round}
+                    "steps": int(r.metrics.get("steps-total", 0)), "accountant": ACCOUNTANT,
+                    "secret_randomness": bool(r.metrics.get("secret-randomness", before.get("secret_randomness"))),
+                    "last_round": server_round}
             elif r.metrics.get("num-examples"):
                 self.record["sites"].setdefault(r.site, {})["num_examples"] = int(r.metrics["num-examples"])
         train_seconds = [r.metrics.get("train-seconds", 0.0) for r in replies if r.arrays is not None]
         site_time = max(train_seconds, default=0.0)  # sites train in parallel
+        for e in evaluations:  # the evaluation records' ε, a separate record set (parallel composition)
+            if e.error is None and "exact-evaluation" in e.metrics:
+                self.record["sites"].setdefault(e.site, {}).update({
+                    "epsilon_evaluation": e.metrics.get("epsilon-evaluation"),
+                    "evaluation_examples": int(e.metrics.get("num-examples", 0)),
+                    "exact_evaluation": bool(e.metrics.get("exact-evaluation", 0))})
         evaluation = federated_evaluation(evaluations)
         self.record["rounds"].append({
             "round": server_round, "parent_sha256": parent_sha256, "aggregated": aggregated,
-            "accepted": [replies[i].site for i in accepted],
+            "accepted": [replies[i].site for i in accepted], "updates": getattr(self, "_geometry", {}),
             "sites": site_rows, "evaluate": evaluation, "central": central,
             "timing": {"round_seconds": seconds, "site_training_seconds": site_time,
                        "other_seconds": max(seconds - site_time, 0.0)}})
@@ -294,14 +307,36 @@ def federated_evaluation(evaluations: list[EvaluateReply]) -> dict[str, Any]:
             for g, cm in by_group.items():
                 acc = groups.setdefault(attr, {})
                 acc[g] = acc.get(g, 0) + np.asarray(cm)
+    # Each site's noise is independent: the summed counts' noise std is the root of the sum of variances.
+    noise_std = float(np.sqrt(sum(float(e.metrics.get("count-noise-std", 0.0)) ** 2 for e in ok)))
     return {
         "num_examples": int(n),
+        "count_noise_std": noise_std,
         "accuracy": (sum(e.metrics["accuracy"] * e.metrics["num-examples"] for e in ok) / n) if n else None,
         "sites": {e.site: {"accuracy": e.metrics.get("accuracy"), "num_examples": e.metrics.get("num-examples")}
                   for e in ok},
         "group_confusion": {a: {g: cm.tolist() for g, cm in gs.items()} for a, gs in groups.items()},
         "classes": ok[0].classes if ok else [],
     }
+
+
+def update_geometry(reference: dict[str, np.ndarray], updates: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Norms of the valid updates (weights − global) and, for each pair of sites, distance and cosine.
+
+    Kept in run.json so an auditor can test, from what the coordinator saw, that sites' DP noise is independent:
+    two updates carrying the same noise are far closer than independent noise of their size allows."""
+    keys = [k for k, v in reference.items() if np.issubdtype(v.dtype, np.floating)]
+    vectors = {site: np.concatenate([(np.asarray(arrays[k], np.float64) - reference[k]).ravel() for k in keys])
+               for site, arrays in updates.items()}
+    norms = {site: float(np.linalg.norm(v)) for site, v in vectors.items()}
+    pairs = {}
+    names = sorted(vectors)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            denominator = max(norms[a] * norms[b], 1e-30)
+            pairs[f"{a}|{b}"] = {"distance": float(np.linalg.norm(vectors[a] - vectors[b])),
+                                 "cosine": float(vectors[a] @ vectors[b] / denominator)}
+    return {"norms": norms, "pairs": pairs}
 
 
 def read_run_record(path: str | Path) -> dict[str, Any]:

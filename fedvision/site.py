@@ -1,8 +1,10 @@
 """A site (hospital, factory): its data, its privacy ledger, local training and local evaluation.
 
 Everything a ClientApp does, without Flower: ``client/app.py`` only turns Messages into these calls.
-The site decides its own privacy: its ε budget and δ come from its node config (defaults from the run
-config), its ledger lives in its own state directory, and it refuses training that would exceed the budget.
+The site decides its own privacy (``fedvision.privacy.SitePolicy``, from its node config): it refuses a run
+that asks for less than its policy before reading any data, keeps its ledger in its own state directory,
+charges every release to it (training steps; noisy evaluation counts) and refuses what would exceed the budget.
+What it sends and how private each value is: docs/privacy.md.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import numpy as np
 import torch
 
 from fedvision.config import NodeConfig, RunConfig, named_split
-from fedvision.errors import ConfigError
+from fedvision.dp import SECRET_SOURCE, PrivateRandomness, epsilon_rdp
+from fedvision.errors import ConfigError, PolicyRefusal
 from fedvision.groups import group_labels, group_sort_key
-from fedvision.io import atomic_write, file_lock
+from fedvision.io import atomic_write, atomic_write_json, file_lock
 from fedvision.models import create_model, state_digest
-from fedvision.privacy import PrivacyLedger
+from fedvision.privacy import EVALUATION, PrivacyLedger, SitePolicy
 from fedvision.train import TrainConfig, evaluate, steps_per_epoch, train_nonprivate, train_private
 
 log = logging.getLogger("fedvision.site")
@@ -31,14 +34,40 @@ log = logging.getLogger("fedvision.site")
 StateDict = dict[str, torch.Tensor]
 
 
-def train_config(run: RunConfig, num_examples: int, epsilon_budget: float, delta: float,
-                 proximal_mu: float = 0.0) -> TrainConfig:
-    """The run config's local-training keys as a TrainConfig; σ is calibrated for the whole run's steps."""
+def train_config(run: RunConfig, num_examples: int, policy: SitePolicy, proximal_mu: float = 0.0) -> TrainConfig:
+    """The run config's local-training keys as a TrainConfig under the site's policy; σ is calibrated for the
+    whole run's steps and the run's ε allotment."""
     planned = run.num_server_rounds * run.local_epochs * steps_per_epoch(num_examples, run.batch_size)
     return TrainConfig(epochs=run.local_epochs, batch_size=run.batch_size,
                        max_physical_batch_size=run.max_physical_batch_size, lr=run.lr, momentum=run.momentum,
-                       max_grad_norm=run.max_grad_norm, epsilon_budget=epsilon_budget, delta=delta,
-                       planned_steps=planned, noise_std=run.noise_std, proximal_mu=proximal_mu, seed=run.seed)
+                       max_grad_norm=run.max_grad_norm, noise_multiplier=run.noise_multiplier or None,
+                       min_noise_multiplier=policy.min_noise_multiplier, epsilon_budget=policy.epsilon_budget,
+                       run_epsilon=policy.run_allotment(run), delta=site_delta(run, policy), planned_steps=planned,
+                       noise_std=run.noise_std, proximal_mu=proximal_mu, seed=run.seed,
+                       # the audit's test hook; only simulated sites ever accept it (SitePolicy.refusal)
+                       insecure_dp_seed=run.insecure_shared_dp_seed if run.insecure_shared_dp_seed >= 0 else None)
+
+
+def site_delta(run: RunConfig, policy: SitePolicy) -> float:
+    """The δ a site accounts this run at: its own, or the run's when that is stricter."""
+    return run.delta if policy.simulated else min(run.delta, policy.delta)
+
+
+def site_policy(run: RunConfig, node: NodeConfig) -> SitePolicy:
+    """A deployed site's policy comes from its own node config alone; a simulated site's from the run config
+    (in simulation the coordinator holds every partition anyway)."""
+    if node.simulated:
+        return SitePolicy(dp=run.dp, epsilon_budget=run.site_budget(node.partition_id), delta=run.delta,
+                          evaluation_epsilon=run.evaluation_epsilon, exact_evaluation=run.exact_evaluation,
+                          simulated=True)
+    for key in ("epsilon_budget", "delta"):
+        if not getattr(node, key):
+            raise ConfigError(f"node config: '{key.replace('_', '-')}' is required: the site sets its own privacy "
+                              "policy (see docs/privacy.md)")
+    return SitePolicy(dp=True, epsilon_budget=node.epsilon_budget, delta=node.delta,
+                      run_epsilon=node.run_epsilon or None, evaluation_epsilon=node.evaluation_epsilon,
+                      exact_evaluation=node.exact_evaluation, min_noise_multiplier=node.min_noise_multiplier,
+                      max_grad_norm=node.max_grad_norm or None)
 
 
 def load_for_run(run: RunConfig, spec: str, split: str) -> Any:
@@ -93,27 +122,35 @@ class Site:
     train_data: Any  # fedvision.data.LoadedDataset
     test_data: Any | None
     state_dir: Path
-    epsilon_budget: float
-    delta: float
+    policy: SitePolicy
     run: RunConfig
-    attack: list[str] | None = None  # tests and demos: poison this site's updates (one attack per round, rotating)
+    attack: list[str] | None = None  # simulation only: poison this site's updates (one attack per round, rotating)
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_configs(cls, run: RunConfig, node: NodeConfig) -> "Site":
+        """The site for this run; a run its policy does not allow is refused here, before any data is read."""
         if not node.simulated and not node.state_dir:
             raise ConfigError("node config: 'state-dir' is required (where the site keeps its privacy ledger)")
+        policy = site_policy(run, node)
+        if (reason := policy.refusal(run)) is not None:
+            raise PolicyRefusal(reason)
         train, test = site_data(run, node)
+        for data in (train, test):
+            policy.check_records(len(data) if data is not None else 0,
+                                 "run config" if node.simulated else "node config")
         if node.simulated:
             name = f"site-{node.partition_id + 1}"
             state_dir = Path(run.run_dir) / "sites" / name
-            budget = run.site_budget(node.partition_id)
         else:
             state_dir = Path(node.state_dir)
             name = node.site_name or state_dir.resolve().name
-            budget = node.epsilon_budget or run.epsilon_budget
-        return cls(name=name, train_data=train, test_data=test, state_dir=state_dir, epsilon_budget=budget,
-                   delta=node.delta or run.delta, run=run, attack=run.attacks().get(name))
+        return cls(name=name, train_data=train, test_data=test, state_dir=state_dir, policy=policy, run=run,
+                   attack=run.attacks().get(name) if node.simulated else None)
+
+    @property
+    def delta(self) -> float:
+        return site_delta(self.run, self.policy)
 
     @property
     def ledger(self) -> PrivacyLedger:
@@ -146,7 +183,7 @@ class Site:
                      self.name, server_round)
             return cached
         model = self.model(global_state)
-        cfg = train_config(self.run, len(self.train_data), self.epsilon_budget, self.delta, proximal_mu)
+        cfg = train_config(self.run, len(self.train_data), self.policy, proximal_mu)
         trainer = train_private if self.run.dp else train_nonprivate
         ledger = self.ledger if self.run.dp else None  # read once; train_private appends to it
         # Each ledger entry names the run, round and global weights it was charged for, so an auditor can
@@ -157,18 +194,22 @@ class Site:
         if self.attack:
             attack = self.attack[(server_round - 1) % len(self.attack)]
             state = poison(state, global_state, attack, seed=self.run.seed + server_round)
-        metrics = {"num-examples": len(self.train_data), "train-loss": result.loss, "train-seconds": result.seconds,
-                   "steps": result.steps, "dp": int(self.run.dp)}
+        # The training loss is not sent: it is computed on the training records without noise (docs/privacy.md).
+        metrics = {"num-examples": len(self.train_data), "train-seconds": result.seconds, "steps": result.steps,
+                   "dp": int(self.run.dp)}
         if self.run.dp:
-            metrics.update({"epsilon": result.epsilon, "delta": self.delta, "epsilon-budget": self.epsilon_budget,
+            metrics.update({"epsilon": result.epsilon, "epsilon-rdp": epsilon_rdp(ledger.history, self.delta),
+                            "delta": self.delta,
+                            "epsilon-budget": self.policy.epsilon_budget,
                             "noise-multiplier": result.noise_multiplier, "sample-rate": result.sample_rate,
-                            "steps-total": ledger.steps})
+                            "steps-total": ledger.steps, "secret-randomness": int(result.randomness == SECRET_SOURCE)})
         self._cache_reply(server_round, digest, state, metrics)
         return state, metrics
 
     def privacy_metrics(self) -> dict[str, Any]:
         summary = self.ledger.summary(self.delta)
-        metrics = {"epsilon": summary["epsilon"], "delta": self.delta, "epsilon-budget": self.epsilon_budget,
+        metrics = {"epsilon": summary["epsilon"], "epsilon-rdp": summary["epsilon_rdp"], "delta": self.delta,
+                   "epsilon-budget": self.policy.epsilon_budget,
                    "steps-total": summary["steps"], "noise-multiplier": summary["noise_multiplier"],
                    "sample-rate": summary["sample_rate"]}
         return {k: v for k, v in metrics.items() if v is not None}
@@ -193,24 +234,72 @@ class Site:
         atomic_write(self._cache_path(), lambda f: torch.save(payload, f))
 
     # -- evaluation ---------------------------------------------------------------------------------------
-    def evaluate(self, global_state: StateDict) -> dict[str, Any]:
-        """Accuracy on the site's local test data and, per sensitive attribute and per pair of them (``"a×b"``,
-        see ``fedvision.groups``), per-group confusion counts: fairness can be measured across the federation
-        while no image leaves the site. Data without a ``site`` column makes this site one group of ``site``."""
+    def evaluate(self, global_state: StateDict, server_round: int = 0, groups: bool = True) -> dict[str, Any]:
+        """Accuracy on the site's local test data and per-group confusion counts, released under the site's policy.
+
+        Tables: ``site`` (this site's whole matrix, or per value of the data's own site column) always; with
+        ``groups``, also one per sensitive attribute and per pair of them (``"a×b"``, see ``fedvision.groups``),
+        so fairness can be measured across the federation while no image leaves the site. By default every
+        count gets Gaussian noise: one record is in one cell of each of the T tables (L2 sensitivity √T), so the
+        noise std is σ·√T for a noise multiplier σ calibrated like training — over the run's planned
+        evaluations, within the evaluation records' own budget — and charged to the ledger before release.
+        Accuracy is computed from the noisy counts. A coordinator asking again for a round it already got (a
+        resumed run) gets the same release, charged once."""
         if self.test_data is None or len(self.test_data) == 0:
-            return {"num-examples": 0, "accuracy": 0.0, "loss": 0.0, "groups": {}}
+            return {"num-examples": 0, "accuracy": 0.0, "groups": {}}
+        with file_lock(self.state_dir / "evaluate.lock"):
+            digest = state_digest(global_state)
+            key = {"run": self.run.run_dir, "round": server_round, "global": digest, "groups": bool(groups)}
+            cache = self.state_dir / "evaluation-cache.json"
+            if cache.exists():
+                cached = json.loads(cache.read_text())
+                if cached.get("key") == key:
+                    return cached["release"]
+            release = self._release_evaluation(global_state, server_round, groups, digest)
+            atomic_write_json(cache, {"key": key, "release": release})
+            return release
+
+    def _release_evaluation(self, global_state: StateDict, server_round: int, groups: bool, digest: str) -> dict:
         result = evaluate(self.model(global_state), self.test_data.dataset)
         k = len(self.test_data.classes)
         attrs = self.test_data.attributes
-        present = {c: attrs[c] for c in self.run.sensitive_attributes if c in attrs.columns}
-        groups = {}
+        present = {c: attrs[c] for c in self.run.sensitive_attributes if c in attrs.columns} if groups else {}
+        if not groups and "site" in self.run.sensitive_attributes and "site" in attrs.columns:
+            present = {"site": attrs["site"]}
+        tables = {}
         for attribute, labels in group_labels(present).items():
-            groups[attribute] = {g: confusion_counts(result.y_true[labels == g], result.y_pred[labels == g], k)
+            tables[attribute] = {g: confusion_counts(result.y_true[labels == g], result.y_pred[labels == g], k)
                                  for g in sorted(set(labels.tolist()), key=group_sort_key)}
-        if "site" not in groups:  # the data's own site column, where present, says the same more precisely
-            groups["site"] = {self.name: confusion_counts(result.y_true, result.y_pred, k)}
-        return {"num-examples": result.num_examples, "accuracy": result.accuracy, "loss": result.loss,
-                "classes": list(self.test_data.classes), "groups": groups}
+        if "site" not in tables:  # the data's own site column, where present, says the same more precisely
+            tables["site"] = {self.name: confusion_counts(result.y_true, result.y_pred, k)}
+        ledger, randomness = self.ledger, PrivateRandomness.secret()
+        charge = {"records": EVALUATION, "sample_rate": 1.0, "steps": 1, "delta": self.delta,
+                  "run": self.run.run_dir, "round": server_round, "global_sha256": digest, "tables": len(tables),
+                  "randomness": randomness.source}
+        if self.policy.exact_evaluation:
+            # The site chose to release exact counts: recorded as a release without noise (ε = ∞ for these records).
+            epsilon = ledger.charge(noise_multiplier=0.0, exact=True, **charge)
+            std = 0.0
+        else:
+            sigma = ledger.noise_for_run(delta=self.delta, sample_rate=1.0, planned_steps=self.run.num_server_rounds,
+                                         budget=self.policy.epsilon_budget, run_epsilon=self.policy.evaluation_epsilon,
+                                         run=self.run.run_dir, records=EVALUATION)
+            epsilon = ledger.charge(noise_multiplier=sigma, budget=self.policy.epsilon_budget,
+                                    run_epsilon=self.policy.evaluation_epsilon, **charge)
+            std = sigma * math.sqrt(len(tables))
+            for by_group in tables.values():
+                for g, cm in by_group.items():
+                    noise = torch.normal(0.0, std, (k, k), generator=randomness.noise, dtype=torch.float64)
+                    by_group[g] = (np.asarray(cm, dtype=float) + noise.numpy()).round(3).tolist()
+        # Over the declared number of records, not the noisy total: the total's noise sums over all K² cells.
+        overall = np.sum([np.asarray(cm) for cm in tables["site"].values()], axis=0)
+        accuracy = float(np.clip(np.trace(overall) / result.num_examples, 0.0, 1.0))
+        release = {"num-examples": result.num_examples, "accuracy": accuracy, "count-noise-std": std,
+                   "exact-evaluation": int(self.policy.exact_evaluation), "classes": list(self.test_data.classes),
+                   "groups": tables}
+        if math.isfinite(epsilon):  # exact counts have no finite ε; "exact-evaluation" says so
+            release["epsilon-evaluation"] = epsilon
+        return release
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> list[list[int]]:

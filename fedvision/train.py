@@ -35,15 +35,21 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: str = "sgd"  # "sgd" or "adam"
     max_grad_norm: float = 1.0  # per-sample clipping bound C
-    noise_multiplier: float | None = None  # σ; derived from epsilon_budget when None
-    epsilon_budget: float | None = None  # the site's total ε for the whole federation run
+    noise_multiplier: float | None = None  # σ; derived from the ε allotment when None
+    min_noise_multiplier: float = 0.0  # the site's floor on σ
+    epsilon_budget: float | None = None  # the site's lifetime ε for its training records (the ledger enforces it)
+    run_epsilon: float | None = None  # what this run may add to the ledger's ε (None: the rest of the budget)
     delta: float = 1e-5
     planned_steps: int | None = None  # local steps planned over all rounds (σ calibration); None = this training
     max_noise_multiplier: float = 20.0  # a budget needing more noise than this is refused: training would be noise
     noise_std: float = 0.0  # Gaussian noise augmentation on inputs (for randomized-smoothing certification)
     proximal_mu: float = 0.0  # FedProx: pulls weights towards the global model; data-independent, so free
     class_weights: Sequence[float] | None = None  # per-class loss weights (long-tailed labels)
-    seed: int = 0
+    seed: int = 0  # public: initialisation order, shuffling and augmentation; never DP noise or sampling
+    # TEST ONLY: seed DP noise and Poisson sampling for bit-identical trainings. Anyone who knows the seed can
+    # subtract the noise, so such a training is not private; its ledger entry records the seeded source.
+    # Nothing in the run or node config reaches this field.
+    insecure_dp_seed: int | None = None
     device: str | None = None  # None: CUDA when present, else CPU
     progress: bool = False
 
@@ -65,6 +71,10 @@ class TrainConfig:
              "noise_multiplier", "a number ≥ 0")
         if self.epsilon_budget is not None:
             dp.validate_epsilon(self.epsilon_budget, "epsilon_budget")
+        if self.run_epsilon is not None:
+            dp.validate_epsilon(self.run_epsilon, "run_epsilon")
+        need(_finite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0, "min_noise_multiplier",
+             "a number ≥ 0")
         dp.validate_delta(self.delta)
         need(self.planned_steps is None or (isinstance(self.planned_steps, int) and self.planned_steps >= 1),
              "planned_steps", "an integer ≥ 1")
@@ -89,6 +99,7 @@ class TrainResult:
     sample_rate: float | None = None
     epsilon: float | None = None  # the site's cumulative ε after this training (from the ledger)
     delta: float | None = None
+    randomness: str | None = None  # source of the DP noise and sampling (dp.SECRET_SOURCE unless a test seeded it)
     history: list[float] = field(default_factory=list)  # mean loss per epoch
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,9 +117,12 @@ def train_private(model: nn.Module, dataset: Dataset, config: TrainConfig, ledge
     """Train ``model`` in place with DP-SGD for ``config.epochs`` epochs.
 
     σ is ``config.noise_multiplier`` or, when None, the smallest σ for which ``config.planned_steps`` steps
-    (default: this training's steps) stay within ``config.epsilon_budget``.
-    With a ledger and a budget, training that would exceed the budget is refused before any step, and the
-    steps are recorded in the ledger before the first one is taken, with ``charge`` (run, round…) beside them.
+    (default: this training's steps) bring the ledger's ε to what earlier runs spent plus ``config.run_epsilon``
+    (default: to ``config.epsilon_budget``), and never below ``config.min_noise_multiplier``. Noise and Poisson
+    sampling draw on fresh OS entropy (``dp.PrivateRandomness``), never on ``config.seed``.
+    With a ledger, the budget check and the charge are one locked operation before the first step: training
+    that would exceed the budget or the run's allotment is refused before any step, and the charge carries
+    ``charge`` (run, round…) and the randomness source beside it.
     """
     return _train(model, dataset, config, ledger, global_params, private=True, charge=charge)
 
@@ -134,8 +148,8 @@ def _train(model: nn.Module, dataset: Dataset, config: TrainConfig, ledger: Priv
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    loader_gen = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=min(config.batch_size, n), shuffle=not private, generator=loader_gen)
+    loader = DataLoader(dataset, batch_size=min(config.batch_size, n), shuffle=not private,
+                        generator=torch.Generator().manual_seed(config.seed))
     steps_epoch = len(loader)
     steps = config.epochs * steps_epoch
     weights = None
@@ -150,23 +164,19 @@ def _train(model: nn.Module, dataset: Dataset, config: TrainConfig, ledger: Priv
     result = TrainResult(num_examples=n, loss=float("nan"), steps=steps, seconds=0.0, private=private)
     train_module = model
     if private:
+        randomness = (dp.PrivateRandomness.secret(device) if config.insecure_dp_seed is None
+                      else dp.PrivateRandomness.seeded(config.insecure_dp_seed, device))
         sample_rate = 1.0 / steps_epoch
-        sigma = config.noise_multiplier
-        if sigma is None:
-            if config.epsilon_budget is None:
-                raise ConfigError("DP training needs noise_multiplier or epsilon_budget")
-            # Calibrated for the whole plan, not for what is left: every round of a run then uses the same σ,
-            # and a round beyond the plan is refused by the budget check below instead of being drowned in noise.
-            sigma = dp.noise_for_budget(config.epsilon_budget, config.delta, sample_rate,
-                                        config.planned_steps or steps, config.max_noise_multiplier)
+        sigma = _noise_multiplier(config, ledger, sample_rate, steps, (charge or {}).get("run"))
         if ledger is not None:
-            if config.epsilon_budget is not None:
-                ledger.check_budget(config.epsilon_budget, config.delta, sigma, sample_rate, steps)
-            ledger.record(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, **(charge or {}))
-        noise_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+            result.epsilon = ledger.charge(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
+                                           delta=config.delta, budget=config.epsilon_budget,
+                                           run_epsilon=config.run_epsilon, randomness=randomness.source,
+                                           **(charge or {}))
         train_module, optimizer, loader, sample_rate = dp.make_private(
-            model, optimizer, loader, sigma, config.max_grad_norm, noise_gen)
+            model, optimizer, loader, sigma, config.max_grad_norm, randomness)
         result.noise_multiplier, result.sample_rate, result.delta = sigma, sample_rate, config.delta
+        result.randomness = randomness.source
 
     aug_gen = torch.Generator(device=device).manual_seed(config.seed + 2)
     start = time.perf_counter()
@@ -196,9 +206,26 @@ def _train(model: nn.Module, dataset: Dataset, config: TrainConfig, ledger: Priv
             dp.release(train_module)
     result.loss = result.history[-1]
     result.seconds = time.perf_counter() - start
-    if private and ledger is not None:
-        result.epsilon = ledger.epsilon(config.delta)
     return result
+
+
+def _noise_multiplier(config: TrainConfig, ledger: PrivacyLedger | None, sample_rate: float, steps: int,
+                      run: str | None) -> float:
+    """σ for this training: the configured one, or calibrated for the whole plan (not for what is left, so every
+    round of a run uses the same σ, and a round beyond the plan is refused instead of drowned in noise)."""
+    sigma = config.noise_multiplier
+    if sigma is None:
+        if config.epsilon_budget is None:
+            raise ConfigError("DP training needs noise_multiplier or epsilon_budget")
+        planned = config.planned_steps or steps
+        if ledger is not None:
+            sigma = ledger.noise_for_run(delta=config.delta, sample_rate=sample_rate, planned_steps=planned,
+                                         budget=config.epsilon_budget, run_epsilon=config.run_epsilon, run=run,
+                                         max_noise_multiplier=config.max_noise_multiplier)
+        else:
+            target = min(config.epsilon_budget, config.run_epsilon or math.inf)
+            sigma = dp.noise_for_budget(target, config.delta, sample_rate, planned, config.max_noise_multiplier)
+    return max(sigma, config.min_noise_multiplier)
 
 
 def _step(module, optimizer, x, y, device, config: TrainConfig, weights, aug_gen, anchor, total_loss, seen,

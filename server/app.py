@@ -55,7 +55,10 @@ def main(grid: Grid, context: Context) -> None:
             log.warning("round %d: %d valid updates < min-train-nodes %d; global model unchanged",
                         server_round, len(accepted), run.min_train_nodes)
 
-        eval_messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), ConfigRecord(), grid))
+        # Sites release per-group counts (each a charge to their evaluation records' budget) for the last round
+        # only, which the audit's fairness tables use; other rounds get each site's whole confusion matrix.
+        last_round = ConfigRecord({"groups": int(server_round == run.num_server_rounds)})
+        eval_messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), last_round, grid))
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=run.round_timeout))
         evaluations = [_evaluate_reply(m, names) for m in eval_replies] + [
             EvaluateReply(site=_site_name(node, names), error=silence)

@@ -108,7 +108,7 @@ class LocalDeployment:
     def start_node(self, site: str, *, tls: bool = True, **node_config: Any) -> subprocess.Popen:
         """``flower-supernode`` for ``site`` reading its own manifest; its ledger lives in ``root/state/site``."""
         config = {"data": f"manifest:{self.data / site / 'manifest.csv'}", "state-dir": str(self.state_dir(site)),
-                  "site-name": site, **node_config}
+                  "site-name": site, "epsilon-budget": 8.0, "delta": 1e-5, **node_config}
         cmd = [str(BIN / "flower-supernode"), "--superlink", self.address,
                "--port", str(free_port()), "--max-retries", "1000",
                "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())]
@@ -124,9 +124,11 @@ class LocalDeployment:
     def kill_node(self, site: str) -> None:
         _kill_group(self.nodes.pop(site))
 
-    def ledger(self, site: str) -> list[dict]:
+    def ledger(self, site: str, records: str = "training") -> list[dict]:
+        """One record set's entries of the site's ledger (training: one per round trained)."""
         path = self.state_dir(site) / "ledger.json"
-        return json.loads(path.read_text())["entries"] if path.exists() else []
+        entries = json.loads(path.read_text())["entries"] if path.exists() else []
+        return [e for e in entries if e.get("records", "training") == records]
 
     # -- runs --------------------------------------------------------------------------------------------
     def run_config(self, run_dir: Path, **overrides: Any) -> Path:

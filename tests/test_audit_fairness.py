@@ -2,6 +2,7 @@
 and the federated table (from per-site confusion counts) identical to the pooled one."""
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,7 @@ from sklearn.metrics import (
 )
 
 from audit.fairness import assess_fairness, assess_fairness_from_confusion
+from fedvision.dp import SECRET_SOURCE, epsilon_of
 from fedvision.errors import ConfigError, DataError
 
 # Per skin tone: (samples, probability of a correct prediction). V is served badly; VI is tiny and always wrong.
@@ -175,14 +177,15 @@ def test_intersections_are_named_with_the_multiplication_sign(binary):
     assert list(assess_fairness(y_true, y_pred, features, intersections=False)) == ["skin_tone", "sex"]
 
 
-def test_federated_table_from_site_confusion_counts_equals_the_pooled_table(monkeypatch):
-    """Sites count with Site.evaluate, the coordinator sums with federated_evaluation (after the same JSON trip
-    as the Flower messages): the table from those counts equals the table from the pooled predictions."""
+def _federated_sites(monkeypatch, tmp_path, **policy):
+    """Three sites whose "model" predicts what their data says; each evaluates under ``policy`` and the
+    coordinator sums their replies (after the same JSON trip as the Flower messages)."""
     import torch
 
     import fedvision.site as site_module
     from fedvision.config import RunConfig
     from fedvision.data.dataset import LoadedDataset
+    from fedvision.privacy import SitePolicy
     from fedvision.federation import EvaluateReply, federated_evaluation
     from fedvision.train import EvalResult
 
@@ -203,16 +206,20 @@ def test_federated_table_from_site_confusion_counts_equals_the_pooled_table(monk
                                  "sex": rng.choice(["female", "male"], n)})
         test = LoadedDataset(dataset=torch.utils.data.TensorDataset(torch.tensor(y_true), torch.tensor(y_pred)),
                              attributes=features, classes=["benign", "malignant"])
-        site = site_module.Site(name=name, train_data=test, test_data=test, state_dir=None, epsilon_budget=8.0,
-                                delta=1e-5, run=run)
-        result = site.evaluate({})
+        site = site_module.Site(name=name, train_data=test, test_data=test, state_dir=tmp_path / name, run=run,
+                                policy=SitePolicy(dp=True, epsilon_budget=8.0, delta=1e-5, simulated=True, **policy))
+        result = site.evaluate({}, server_round=1)
         groups, classes = json.loads(json.dumps(result.pop("groups"))), json.loads(json.dumps(result.pop("classes")))
         replies.append(EvaluateReply(site=name, metrics=result, groups=groups, classes=classes))
         pooled.append(features.assign(site=name, y_true=y_true, y_pred=y_pred))
-    evaluation = json.loads(json.dumps(federated_evaluation(replies)))
+    return json.loads(json.dumps(federated_evaluation(replies))), pd.concat(pooled, ignore_index=True)
+
+
+def test_federated_table_from_exact_site_counts_equals_the_pooled_table(monkeypatch, tmp_path):
+    """Sites that chose exact release: the table from their counts equals the table from the pooled predictions."""
+    evaluation, data = _federated_sites(monkeypatch, tmp_path, exact_evaluation=True)
     federated = assess_fairness_from_confusion(evaluation["group_confusion"], evaluation["classes"], seed=3)
 
-    data = pd.concat(pooled, ignore_index=True)
     names = {"labels": [0, 1], "class_names": ["benign", "malignant"], "seed": 3}
     expected = {**assess_fairness(data["y_true"], data["y_pred"], data[["skin_tone", "sex"]], **names),
                 **assess_fairness(data["y_true"], data["y_pred"], data[["site"]], **names)}
@@ -220,6 +227,39 @@ def test_federated_table_from_site_confusion_counts_equals_the_pooled_table(monk
     assert federated == expected  # every number, intervals included
     assert federated["site"]["insufficient"] == []  # site-3 has 45 ≥ 30 samples
     json.dumps(federated, allow_nan=False)  # plain JSON, no NaN
+    assert evaluation["count_noise_std"] == 0.0
+
+
+def test_federated_counts_are_released_with_charged_noise_and_intervals_that_cover_it(monkeypatch, tmp_path):
+    """By default every count carries Gaussian noise of std σ·√T (T tables, one cell each per record), σ calibrated
+    over the run's planned evaluations within the evaluation records' allotment and charged to each site's ledger
+    as its own record set before release. The federated intervals widen to cover the noise."""
+    from fedvision.privacy import EVALUATION, PrivacyLedger
+
+    evaluation, data = _federated_sites(monkeypatch, tmp_path, evaluation_epsilon=1.0)
+    exact, _ = _federated_sites(monkeypatch, tmp_path / "exact", exact_evaluation=True)
+    tables = 4  # skin_tone, sex, skin_tone×sex, site
+    for name in ("site-1", "site-2", "site-3"):
+        ledger = PrivacyLedger(tmp_path / name / "ledger.json")
+        (entry,) = ledger.entries
+        assert entry["records"] == EVALUATION and entry["tables"] == tables and entry["randomness"] == SECRET_SOURCE
+        sigma = entry["noise_multiplier"]
+        # Calibrated for the run's 3 planned evaluations to reach the allotment ε = 1; one of them released.
+        assert 0.95 <= epsilon_of([(sigma, 1.0, 1)] * 3, 1e-5) <= 1.0
+        assert ledger.epsilon(1e-5, EVALUATION) == pytest.approx(epsilon_of([(sigma, 1.0, 1)], 1e-5))
+        assert ledger.epsilon(1e-5) == 0.0, "the training records' set is untouched"
+    std = sigma * math.sqrt(tables) * math.sqrt(3)  # three sites' independent noise summed
+    assert evaluation["count_noise_std"] == pytest.approx(std, rel=0.05)
+    noise = np.concatenate([np.ravel(np.asarray(evaluation["group_confusion"][a][g]) -
+                                     np.asarray(exact["group_confusion"][a][g]))
+                            for a in exact["group_confusion"] for g in exact["group_confusion"][a]])
+    assert 0.6 * std <= noise.std() <= 1.4 * std, "the released counts carry noise of the stated size"
+    noisy = assess_fairness_from_confusion(evaluation["group_confusion"], evaluation["classes"], seed=3,
+                                           count_noise_std=evaluation["count_noise_std"])
+    plain = assess_fairness_from_confusion(exact["group_confusion"], exact["classes"], seed=3)
+    width = lambda t: t["metrics"]["accuracy"]["ci"][1] - t["metrics"]["accuracy"]["ci"][0]
+    assert width(noisy["sex"]["overall"]) > width(plain["sex"]["overall"])
+    assert "DP" in noisy["sex"]["params"]["method"]
 
 
 @pytest.mark.parametrize("call, error, argument", [

@@ -39,10 +39,10 @@ def deploy(tmp_path):
         d.close()
 
 
-def _start_sites(d: LocalDeployment, sites: list[str]) -> None:
+def _start_sites(d: LocalDeployment, sites: list[str], node_configs: dict[str, dict] | None = None) -> None:
     for site in sites:
         d.register(site)
-        d.start_node(site)
+        d.start_node(site, **(node_configs or {}).get(site, {}))
     wait_for(lambda: d.node_status().count("online") == len(sites), 90, f"{len(sites)} SuperNodes online")
 
 
@@ -81,7 +81,7 @@ def _check_lineage_and_ledgers(d: LocalDeployment, run_dir: Path, sites: list[st
 def test_tls_and_node_authentication_end_to_end(deploy, tmp_path):
     d = deploy(sites=5)
     sites = ["site-1", "site-2", "site-3"]
-    _start_sites(d, sites)
+    _start_sites(d, sites, {"site-1": {"min-noise-multiplier": 0.8}})  # site-1's policy: a floor on σ
     d.start_node("site-4")  # its key was never registered
     d.register("site-5")
     d.start_node("site-5", tls=False)  # tries to connect without TLS (Flower allows no key without TLS)
@@ -105,6 +105,25 @@ def test_tls_and_node_authentication_end_to_end(deploy, tmp_path):
     assert d.node_status().count("online") == 3
     assert "Connection attempt failed" in d.log("site-5")
     assert record["config"]["dataset"] == "" and record["versions"]["flwr"].startswith("1.42")
+
+    # The site owns its privacy policy (node config: ε budget 8, δ 1e-5, σ ≥ 0.8 for site-1): a run config asking
+    # for less is refused by the site before it reads any data, named in run.json, and charges nothing.
+    saved = {site: (d.state_dir(site) / "ledger.json").read_bytes() for site in sites}
+    asks = {"dp=false": {"dp": False}, "delta=0.001": {"delta": 1e-3}, "noise-multiplier=0.5": {"noise-multiplier": 0.5}}
+    for i, (asked, overrides) in enumerate(asks.items()):
+        refused_dir = tmp_path / f"refused-{i}"
+        proc = d.flwr_run(d.run_config(refused_dir, **{"num-server-rounds": 1, "min-train-nodes": 3,
+                                                       "min-available-nodes": 3, **overrides}), name=f"refused-{i}")
+        _finish(d, proc, f"refused-{i}")
+        refused = read_run(refused_dir)["refused"]
+        policy_sites = ["site-1"] if asked.startswith("noise") else sites  # only site-1 has a noise floor
+        assert sorted(r["site"] for r in refused) == policy_sites, refused
+        assert all(f"the run asks {asked}; this site's policy" in r["reason"] for r in refused), refused
+        for site in sites:
+            if site in policy_sites:
+                assert (d.state_dir(site) / "ledger.json").read_bytes() == saved[site], f"{site} charged a refused run"
+            else:
+                saved[site] = (d.state_dir(site) / "ledger.json").read_bytes()
 
 
 def test_site_killed_mid_round_run_completes_and_site_rejoins_with_its_ledger(deploy, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from audit.mechanism import noise_independence
 from audit.report import validate_report
 from fedvision.privacy import PrivacyLedger
 
@@ -50,7 +51,11 @@ def test_three_sites_three_rounds_improve_and_report_each_ledger(three_sites):
     for name, site in rec["sites"].items():
         ledger = PrivacyLedger(three_sites / "sites" / name / "ledger.json")
         assert site["epsilon"] == pytest.approx(ledger.epsilon(site["delta"]), rel=1e-9)
-        assert 0 < site["epsilon"] <= 8.0 and len(ledger.entries) == 3
+        assert 0 < site["epsilon"] <= 8.0 and len(ledger.entries_of("training")) == 3
+        # Local evaluation: its own record set, one noisy release per round, within the run's allotment.
+        assert len(ledger.entries_of("evaluation")) == 3
+        assert site["epsilon_evaluation"] == pytest.approx(ledger.epsilon(site["delta"], "evaluation"), rel=1e-9)
+        assert 0 < site["epsilon_evaluation"] <= 1.0 and site["secret_randomness"] is True
     assert {"fedvision", "flwr", "torch", "opacus"} <= set(rec["versions"])
     timing = rec["rounds"][0]["timing"]
     assert timing["round_seconds"] >= timing["site_training_seconds"] > 0
@@ -97,7 +102,7 @@ def test_killed_coordinator_resumes_without_losing_or_double_counting_privacy(th
     for name in ("site-1", "site-2", "site-3"):
         # Same ε as the uninterrupted run: no spend forgotten, none counted twice.
         assert rec["sites"][name]["epsilon"] == pytest.approx(ref["sites"][name]["epsilon"], rel=1e-9)
-        assert len(PrivacyLedger(out / "sites" / name / "ledger.json").entries) == 3
+        assert len(PrivacyLedger(out / "sites" / name / "ledger.json").entries_of("training")) == 3
 
 
 def _kill_flower_processes() -> None:
@@ -112,6 +117,28 @@ def _kill_flower_processes() -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_sites_add_independent_noise(tmp_path):
+    """Large σ: every site's update is mostly its own noise. Were the noise shared or reproducible (as when it was
+    seeded from the run config), two sites' updates would point the same way (cosine ≈ 1); independent noise
+    leaves them nearly orthogonal."""
+    out = tmp_path / "noise"
+    fedvision("run", "--sites", "3", "--rounds", "1", "--out", str(out), *DIGITS, "--set", "noise-multiplier=30.0",
+              "--set", "local-test-fraction=0.0", "--set", "max-update-norm=0.0")
+    updates = record(out)["rounds"][0]["updates"]
+    assert len(updates["pairs"]) == 3
+    assert all(abs(pair["cosine"]) < 0.2 for pair in updates["pairs"].values()), updates["pairs"]
+    assert noise_independence(record(out))["passed"]
+
+    # The audit's test hook: every simulated site seeds its noise with one public value. The audit catches it
+    # from what the coordinator saw, and the run record says the randomness was not secret.
+    shared = tmp_path / "shared"
+    fedvision("run", "--sites", "3", "--rounds", "1", "--out", str(shared), *DIGITS, "--set", "noise-multiplier=30.0",
+              "--set", "local-test-fraction=0.0", "--set", "max-update-norm=0.0", "--set", "insecure-shared-dp-seed=7")
+    check = noise_independence(record(shared))
+    assert check["assessed"] and not check["passed"] and len(check["flagged"]) == 3
+    assert all(site["secret_randomness"] is False for site in record(shared)["sites"].values())
 
 
 def test_site_with_too_small_budget_is_refused_and_the_run_goes_on(tmp_path):

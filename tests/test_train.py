@@ -1,8 +1,12 @@
 """Local training: DP-SGD reaches useful accuracy on real digits, is deterministic, and honours its options."""
 
+import math
+
 import pytest
 import torch
 
+from fedvision.config import RunConfig
+from fedvision.dp import SECRET_SOURCE, SEEDED_SOURCE
 from fedvision.models import create_model
 from fedvision.privacy import PrivacyLedger
 from fedvision.train import TrainConfig, evaluate, train_nonprivate, train_private
@@ -33,20 +37,49 @@ def test_nonprivate_on_digits_reaches_97_percent(digits):
     assert evaluate(model, test).accuracy >= 0.97
 
 
-def _train_once(private: bool, seed: int, **kw):
+def _train_once(private: bool, seed: int, ledger=None, **kw):
     torch.manual_seed(123)  # same initial weights
     model = create_model("fedvision_cnn", 2, in_chans=1, img_size=8)
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 2, (64,), generator=g))
-    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.1, noise_multiplier=1.0, seed=seed, device="cpu", **kw)
-    (train_private if private else train_nonprivate)(model, data, cfg)
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 0.1, "noise_multiplier": 1.0, "seed": seed,
+                         "device": "cpu", **kw})
+    (train_private if private else train_nonprivate)(model, data, cfg, ledger)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("private", [True, False])
-def test_training_is_deterministic_under_a_seed(private):
-    assert torch.equal(_train_once(private, seed=3, noise_std=0.25), _train_once(private, seed=3, noise_std=0.25))
-    assert not torch.equal(_train_once(private, seed=3), _train_once(private, seed=4))
+def test_private_trainings_with_one_config_differ_by_independent_noise(tmp_path):
+    """The coordinator knows the seed, the initial weights and every config. If it could regenerate a site's noise
+    (as when the noise was seeded from the run config), two trainings with all of that equal would be identical,
+    and one site's update minus another's would cancel the noise. Fresh secret noise makes them differ by what
+    two independent Gaussian sums predict: ‖Δ‖ ≈ √(2·steps·P)·lr·σ·C/B for SGD without momentum."""
+    sigma, lr, clip, epochs = 20.0, 0.1, 1.0, 2
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    a, b = (_train_once(True, seed=3, ledger=ledger, noise_multiplier=sigma, lr=lr, max_grad_norm=clip, epochs=epochs)
+            for _ in range(2))
+    steps, batch = epochs * 4, 16  # 64 records, q = 1/4: Opacus divides the noisy sum by N·q = 16
+    expected = math.sqrt(2 * steps * a.numel()) * lr * sigma * clip / batch
+    distance = float((a - b).norm())
+    assert 0.7 * expected <= distance <= 1.3 * expected, (distance, expected)
+    assert [e["randomness"] for e in ledger.entries] == [SECRET_SOURCE] * 2
+
+
+def test_seeded_dp_randomness_is_test_only_and_recorded_as_such(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    first = _train_once(True, seed=3, ledger=ledger, insecure_dp_seed=11, noise_std=0.25)
+    assert torch.equal(first, _train_once(True, seed=3, ledger=ledger, insecure_dp_seed=11, noise_std=0.25))
+    assert not torch.equal(first, _train_once(True, seed=3, ledger=ledger, insecure_dp_seed=12, noise_std=0.25))
+    assert {e["randomness"] for e in ledger.entries} == {SEEDED_SOURCE}
+    # The run config's test hook reaches simulated sites only: a deployed site refuses the run.
+    from fedvision.privacy import SitePolicy
+
+    deployed = SitePolicy(dp=True, epsilon_budget=8.0, delta=1e-5)
+    assert "secret" in deployed.refusal(RunConfig(insecure_shared_dp_seed=0))
+
+
+def test_nonprivate_training_is_deterministic_under_a_seed():
+    assert torch.equal(_train_once(False, seed=3, noise_std=0.25), _train_once(False, seed=3, noise_std=0.25))
+    assert not torch.equal(_train_once(False, seed=3), _train_once(False, seed=4))
 
 
 def test_proximal_term_pulls_towards_the_global_model():
