@@ -223,3 +223,46 @@ def test_site_policy_refuses_runs_asking_for_less_privacy():
         policy.check_records(200_000, "node config")
     simulated = SitePolicy(dp=False, epsilon_budget=8.0, delta=1e-5, simulated=True)
     assert simulated.refusal(RunConfig(dp=False)) is None, "in simulation the run config is the policy"
+
+
+def test_a_deployed_site_refuses_before_reading_data_and_requires_its_own_policy(tmp_path):
+    from fedvision.config import NodeConfig, RunConfig
+    from fedvision.errors import PolicyRefusal
+    from fedvision.site import Site
+
+    node = {"data": f"manifest:{tmp_path / 'missing.csv'}", "state-dir": str(tmp_path / "state"),
+            "epsilon-budget": 8.0, "delta": 1e-5}
+    for asked in ({"dp": False}, {"delta": 1e-3}, {"insecure-shared-dp-seed": 0}):
+        with pytest.raises(PolicyRefusal, match="the run asks"):  # not the missing manifest: no data was read
+            Site.from_configs(RunConfig.from_mapping(asked), NodeConfig.from_mapping(node))
+    assert not (tmp_path / "state").exists(), "a refused run touches nothing at the site"
+    with pytest.raises(DataError, match="missing.csv"):  # an acceptable run goes on to read the data
+        Site.from_configs(RunConfig(), NodeConfig.from_mapping(node))
+    for key in ("epsilon-budget", "delta"):
+        with pytest.raises(ConfigError, match=f"'{key}' is required"):
+            Site.from_configs(RunConfig(), NodeConfig.from_mapping({k: v for k, v in node.items() if k != key}))
+
+
+def test_site_status_reports_each_record_set_and_run(tmp_path, capsys):
+    from fedvision.cli import main
+    from fedvision.privacy import EVALUATION
+
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    for run in ("run-a", "run-b"):
+        for r in (1, 2):
+            ledger.charge(noise_multiplier=1.5, sample_rate=0.2, steps=20, delta=DELTA, budget=8.0, run=run, round=r,
+                          randomness="os-entropy")
+    ledger.charge(noise_multiplier=8.0, sample_rate=1.0, steps=1, delta=DELTA, budget=8.0, records=EVALUATION,
+                  run="run-a", round=1, randomness="os-entropy")
+    assert main(["site", "status", "--state-dir", str(tmp_path), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    training = status["record_sets"]["training"]
+    assert training["epsilon"] == pytest.approx(ledger.epsilon(DELTA))
+    assert training["remaining"] == pytest.approx(8.0 - training["epsilon"])
+    assert [(r["run"], r["rounds"]) for r in training["runs"]] == [("run-a", [1, 2]), ("run-b", [1, 2])]
+    assert training["runs"][1]["epsilon_after"] == pytest.approx(training["epsilon"])
+    assert status["record_sets"]["evaluation"]["epsilon"] == pytest.approx(ledger.epsilon(DELTA, EVALUATION))
+    assert main(["site", "status", "--state-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "training records: ε = " in text and "evaluation records" in text and "run run-b: rounds 1–2" in text
+    assert main(["site", "status", "--state-dir", str(tmp_path / "nowhere")]) == 2
