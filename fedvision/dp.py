@@ -363,6 +363,14 @@ class PrivateRandomness:
     def private(self) -> bool:
         return self.source == SECRET_SOURCE
 
+    def gaussian(self, std: float, shape: tuple[int, ...]) -> torch.Tensor:
+        """Gaussian noise N(0, std²) in float64 from the noise generator, drawn the way DP-SGD's noise is (Opacus's
+        secure mode unless seeded): for DP releases other than training, such as noisy evaluation counts."""
+        from opacus.optimizers.optimizer import _generate_noise
+
+        reference = torch.zeros(shape, dtype=torch.float64, device=self.noise.device)
+        return _generate_noise(std, reference, generator=self.noise, secure_mode=self.private).double().cpu()
+
 
 SECRET_SOURCE = "os-entropy"  # fresh 64-bit seeds from the OS's CSPRNG per training; secure-mode noise
 SEEDED_SOURCE = "seeded-test-only"  # reproducible, therefore NOT private

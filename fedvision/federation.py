@@ -107,6 +107,7 @@ class Coordinator:
         self.dir = Path(run.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.round = 0
+        self._geometry: dict[str, Any] = {}  # the last screened round's update norms and pairwise distances
         self.record: dict[str, Any] = {
             "format": RUN_FORMAT, "config": run.to_mapping(), "versions": versions(),
             "started": _now(), "rounds": [], "sites": {}, "rejected": [], "refused": [], "failed": [], "suspects": [],
@@ -251,7 +252,7 @@ class Coordinator:
         evaluation = federated_evaluation(evaluations)
         self.record["rounds"].append({
             "round": server_round, "parent_sha256": parent_sha256, "aggregated": aggregated,
-            "accepted": [replies[i].site for i in accepted], "updates": getattr(self, "_geometry", {}),
+            "accepted": [replies[i].site for i in accepted], "updates": self._geometry,
             "sites": site_rows, "evaluate": evaluation, "central": central,
             "timing": {"round_seconds": seconds, "site_training_seconds": site_time,
                        "other_seconds": max(seconds - site_time, 0.0)}})

@@ -289,8 +289,8 @@ class Site:
             std = sigma * math.sqrt(len(tables))
             for by_group in tables.values():
                 for g, cm in by_group.items():
-                    noise = torch.normal(0.0, std, (k, k), generator=randomness.noise, dtype=torch.float64)
-                    by_group[g] = (np.asarray(cm, dtype=float) + noise.numpy()).round(3).tolist()
+                    noise = randomness.gaussian(std, (k, k)).numpy()
+                    by_group[g] = (np.asarray(cm, dtype=float) + noise).round(3).tolist()
         # Over the declared number of records, not the noisy total: the total's noise sums over all K² cells.
         overall = np.sum([np.asarray(cm) for cm in tables["site"].values()], axis=0)
         accuracy = float(np.clip(np.trace(overall) / result.num_examples, 0.0, 1.0))

@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 0  # public: initialisation order, shuffling and augmentation; never DP noise or sampling
     # TEST ONLY: seed DP noise and Poisson sampling for bit-identical trainings. Anyone who knows the seed can
     # subtract the noise, so such a training is not private; its ledger entry records the seeded source.
-    # Nothing in the run or node config reaches this field.
+    # Only the run config's simulation-only test hook insecure-shared-dp-seed reaches it; deployed sites refuse that.
     insecure_dp_seed: int | None = None
     device: str | None = None  # None: CUDA when present, else CPU
     progress: bool = False
