@@ -29,6 +29,7 @@ demo-quick: install
 
 bench: install
 	$(PY) benchmarks/dp_overhead.py
+	$(PY) benchmarks/secure_noise.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -14,7 +14,9 @@ Attacks (images in [0, 1]):
   norm ≤ ε (the row has ``minimum_norm: true``).
 
 Robust accuracy counts an image as robust only if it was classified correctly *and* still is after the
-attack; the attack success rate is taken among the initially correct images.
+attack; the attack success rate is taken among the initially correct images. Every row keeps the per-image
+outcome (``robust_per_image``, one "1"/"0" per image), so that attacks can be compared on the same images: the
+sanity checks are paired tests, and the worst case over attacks is taken per image.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ import torch.nn as nn
 from audit import ATTACK_NORMS, DEFAULT_ATTACKS, DEFAULT_EPS, MINIMUM_NORM_ATTACKS
 from audit.smoothing import Smooth, _device_of, infer_num_classes
 from fedvision.errors import ConfigError, DataError
+
+# Family-wise level of the sanity checks' paired tests: a check fails only when an exact one-sided sign test on
+# the images where two attacks disagree rejects "the stronger attack is not weaker" at SANITY_LEVEL divided by the
+# number of comparisons made (Bonferroni), so random starts and floating-point differences between CPUs (one
+# image flipping) cannot raise a gradient-masking alarm on their own.
+SANITY_LEVEL = 0.05
 
 _NORM_ALIASES = {"linf": "Linf", "l_inf": "Linf", "inf": "Linf", "l∞": "Linf", "l2": "L2", "l_2": "L2"}
 
@@ -54,7 +62,9 @@ def run_attack_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
     ``steps_check`` adds one PGD row (PGD-L2 if PGD is not run) with half the steps (twice if ``steps`` is 1)
     at the ε where the normal run is most informative (robust accuracy nearest half the clean accuracy), for
-    the "more steps are not weaker" check. (At ε = 0 PGD takes one step: its step size there is 0.)
+    the "more steps are not weaker" check. (At ε = 0 PGD takes one step: its step size there is 0.) The
+    evaluation row at that ε then keeps the best of both runs per image (an image broken by either is broken;
+    ``single_run_robust_accuracy`` is the evaluation run alone), since both are attacks within the same ε.
 
     With ``smooth`` (a ``Smooth`` around the same model), each row also reports the smoothed classifier's
     PREDICT (``smooth_n`` samples, ``smooth_alpha``) on the same adversarial inputs for the first
@@ -102,8 +112,10 @@ def run_attack_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             if name == check:
                 e = _most_informative_eps(own)
                 bar.set_postfix_str(f"{name} ε={e:.4g} {check_steps} steps")
-                rows.append(suite.bounded(name, e, dict(settings, steps=check_steps),
-                                          purpose=f"sanity check: {check_steps} steps"))
+                extra = suite.bounded(name, e, dict(settings, steps=check_steps),
+                                      purpose=f"sanity check: {check_steps} steps")
+                rows.append(extra)
+                _keep_best_of_both(next(r for r in own if r["eps"] == e), extra)
                 bar.update(1)
     finally:
         bar.close()
@@ -291,7 +303,7 @@ class _Suite:
         return {"name": name, "norm": norm, "eps": eps, "clean_accuracy": self.clean_accuracy,
                 "robust_accuracy": _fraction(robust),
                 "attack_success_rate": broken / correct if correct else None,
-                "n": len(self.labels), "purpose": purpose, **fields}
+                "n": len(self.labels), "purpose": purpose, **fields, "robust_per_image": _bits(robust)}
 
     def _attack(self, attack, restarts: int) -> torch.Tensor:
         """Adversarial images, batch by batch, seeded; with restarts, the first run that fools each image."""
@@ -357,6 +369,51 @@ def _one_thread(enabled: bool):
         torch.set_num_threads(threads)
 
 
+def _bits(mask: torch.Tensor) -> str:
+    return "".join("1" if v else "0" for v in mask.tolist())
+
+
+def _mask(row: Mapping[str, Any]) -> list[bool] | None:
+    bits = row.get("robust_per_image")
+    return [c == "1" for c in bits] if isinstance(bits, str) and bits else None
+
+
+def _keep_best_of_both(row: dict, other: Mapping[str, Any]) -> None:
+    """Make ``row`` count an image as broken when ``other`` (another attack within the same ε) broke it."""
+    a, b = _mask(row), _mask(other)
+    both = [x and y for x, y in zip(a, b)]
+    correct = round(row["clean_accuracy"] * row["n"])
+    row.update(single_run_robust_accuracy=row["robust_accuracy"], single_run_per_image=row["robust_per_image"],
+               robust_accuracy=sum(both) / row["n"],
+               attack_success_rate=(correct - sum(both)) / correct if correct else None,
+               robust_per_image="".join("1" if v else "0" for v in both),
+               note="; ".join(filter(None, [row.get("note"), f"worst case per image over this run and the "
+                                                              f"{other['steps']}-step sanity-check run"])))
+
+
+def worst_case_per_image(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per norm and ε, the robust accuracy when an image counts as broken if any attack of that norm broke it
+    within that ε (an adversarial example within a smaller ε is one within ε too), AutoAttack's worst case per
+    point. Rows without per-image results fall back on the lowest robust accuracy over the attacks."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for norm in sorted({r["norm"] for r in rows}):
+        mine = [r for r in rows if r["norm"] == norm]
+        for eps in sorted({r["eps"] for r in mine}):
+            within = [r for r in mine if r["eps"] <= eps]
+            at = [r for r in mine if r["eps"] == eps and r.get("purpose", "evaluation") == "evaluation"]
+            if not at:
+                continue
+            best = min(at, key=lambda r: r["robust_accuracy"])
+            masks = [_mask(r) for r in within]
+            paired = all(m is not None and len(m) == len(masks[0]) for m in masks)
+            robust = sum(all(m[i] for m in masks) for i in range(len(masks[0]))) / len(masks[0]) if paired \
+                else best["robust_accuracy"]
+            out.setdefault(norm, []).append({
+                "eps": eps, "robust_accuracy": robust, "attack": best["name"],
+                "attacks": sorted({r["name"] for r in at}), "per_image": paired})
+    return out
+
+
 def _most_informative_eps(rows: list[dict]) -> float:
     """Non-zero ε whose robust accuracy is nearest half the clean accuracy (smallest such ε on ties)."""
     candidates = [r for r in rows if r["eps"] > 0]
@@ -396,68 +453,106 @@ def _check_inputs(images: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]
 # --------------------------------------------------------------------------------------------------------
 # sanity checks
 # --------------------------------------------------------------------------------------------------------
-def sanity_checks(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.0) -> list[dict[str, Any]]:
+def sanity_checks(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.0,
+                  level: float = SANITY_LEVEL) -> list[dict[str, Any]]:
     """Checks every sound evaluation passes; a failure flags possible gradient masking or a broken evaluation.
 
-    * ``eps0_equals_clean``: robust accuracy at ε = 0 equals clean accuracy;
-    * ``monotone_in_eps``: robust accuracy never rises with ε (per attack and setting);
-    * ``pgd_not_weaker_than_fgsm``: PGD's robust accuracy ≤ FGSM's at the same ε;
-    * ``more_steps_not_weaker``: PGD with more steps ≤ PGD with fewer at the same ε.
+    * ``eps0_equals_clean``: robust accuracy at ε = 0 equals clean accuracy (exactly: at ε = 0 the attack may
+      not change any input, so any difference is a bug or randomness in the model);
+    * ``monotone_in_eps``: robust accuracy does not rise with ε (per attack and setting);
+    * ``pgd_not_weaker_than_fgsm``: PGD is not weaker than FGSM at the same ε;
+    * ``more_steps_not_weaker``: PGD with more steps is not weaker than PGD with fewer at the same ε.
 
-    ``tolerance`` (in accuracy) allows for sampling noise; 0 flags any violation.
-    Returns one ``{"check", "attack", "passed", "detail"}`` per check made.
+    The last three compare two runs on the same images (paired): of the images where the runs disagree, b were
+    broken only by the run that should be weaker and c only by the one that should be stronger. The check fails
+    when the exact one-sided sign test (McNemar's exact test) of b out of b + c at p = ½ has p-value ≤
+    ``level`` / m, m the number of paired comparisons made (Bonferroni): a stronger attack that loses one image
+    to a random start is noise, one that systematically breaks fewer images is not. Rows without per-image
+    results (``robust_per_image``) are compared by their robust accuracies, failing any difference above
+    ``tolerance``. Returns one ``{"check", "attack", "passed", "detail", "test"}`` per check made.
     """
-    out = []
-
-    def add(check, attack, bad, detail_ok, what):
-        out.append({"check": check, "attack": attack, "passed": not bad,
-                    "detail": detail_ok if not bad else "; ".join(bad) + f": {what}"})
-
     evaluation = [r for r in rows if r.get("purpose", "evaluation") == "evaluation"]
     groups: dict[str, list] = defaultdict(list)
     for r in evaluation:
-        groups[r["name"]].append(r)
-    for name, group in groups.items():
-        group = sorted(group, key=lambda r: r["eps"])
-        zero = [r for r in group if r["eps"] == 0]
-        if zero:
-            r = zero[0]
-            bad = [] if abs(r["robust_accuracy"] - r["clean_accuracy"]) <= 1e-12 else \
-                [f"robust accuracy {r['robust_accuracy']:.4f} ≠ clean accuracy {r['clean_accuracy']:.4f} at ε = 0"]
-            add("eps0_equals_clean", name, bad, f"robust = clean = {r['clean_accuracy']:.4f} at ε = 0",
-                "the attack changes inputs it must not change, or clean and adversarial evaluation differ")
-        bad = [f"robust accuracy rises from {a['robust_accuracy']:.4f} at ε = {a['eps']:.4g} to "
-               f"{b['robust_accuracy']:.4f} at ε = {b['eps']:.4g}"
-               for a, b in zip(group, group[1:]) if b["robust_accuracy"] > a["robust_accuracy"] + tolerance]
-        if len(group) > 1:
-            add("monotone_in_eps", name, bad, f"non-increasing over ε = {_eps_list(group)}",
-                "possible gradient masking or a broken evaluation")
+        # each run on its own: a row that kept the best of two runs would make its neighbours look weaker
+        groups[r["name"]].append(_single_run(r))
+    for name in groups:
+        groups[name].sort(key=lambda r: r["eps"])
 
+    # (check, attack, [(weaker, stronger, what)]): the runs that should be weaker and stronger (the same
+    # attack at a larger ε is stronger), compared on the same images.
+    planned: list[tuple[str, str, list[tuple[Mapping, Mapping, str]]]] = []
+    for name, group in groups.items():
+        if len(group) > 1:
+            planned.append(("monotone_in_eps", name, [
+                (a, b, f"ε = {a['eps']:.4g} vs ε = {b['eps']:.4g}") for a, b in zip(group, group[1:])]))
     fgsm = {r["eps"]: r for r in groups.get("fgsm", [])}
     common = [r for r in groups.get("pgd", []) if r["eps"] in fgsm and r["eps"] > 0]
     if common:
-        bad = [f"PGD {r['robust_accuracy']:.4f} > FGSM {fgsm[r['eps']]['robust_accuracy']:.4f} at ε = {r['eps']:.4g}"
-               for r in common if r["robust_accuracy"] > fgsm[r["eps"]]["robust_accuracy"] + tolerance]
-        add("pgd_not_weaker_than_fgsm", "pgd", bad,
-            f"PGD ≤ FGSM at ε = {_eps_list(common)}",
-            "the iterative attack is weaker than one step: possible gradient masking")
-
+        planned.append(("pgd_not_weaker_than_fgsm", "pgd",
+                        [(fgsm[r["eps"]], r, f"FGSM vs PGD at ε = {r['eps']:.4g}") for r in common]))
     by_setting: dict[tuple, dict[int, Mapping]] = defaultdict(dict)
     for r in rows:
         if r["name"] in ("pgd", "pgd-l2") and r["eps"] > 0:
-            by_setting[(r["name"], r["eps"])][r["steps"]] = r
+            by_setting[(r["name"], r["eps"])][r["steps"]] = _single_run(r)
     for (name, eps), by_steps in sorted(by_setting.items()):
-        if len(by_steps) < 2:
-            continue
         steps = sorted(by_steps)
-        bad = [f"{b} steps: {by_steps[b]['robust_accuracy']:.4f} > {a} steps: {by_steps[a]['robust_accuracy']:.4f} "
-               f"at ε = {eps:.4g}" for a, b in zip(steps, steps[1:])
-               if by_steps[b]["robust_accuracy"] > by_steps[a]["robust_accuracy"] + tolerance]
-        add("more_steps_not_weaker", name, bad,
-            " ≤ ".join(f"{by_steps[s]['robust_accuracy']:.4f} ({s} steps)" for s in reversed(steps))
-            + f" at ε = {eps:.4g}", "more steps find fewer adversarial examples: possible gradient masking")
+        if len(steps) > 1:
+            planned.append(("more_steps_not_weaker", name, [
+                (by_steps[a], by_steps[b], f"{a} vs {b} steps at ε = {eps:.4g}") for a, b in zip(steps, steps[1:])]))
+    comparisons = sum(len(pairs) for *_, pairs in planned)
+    threshold = level / max(comparisons, 1)
+    test = (f"exact one-sided sign test on the images where the two runs disagree, family-wise level {level:g} "
+            f"over {comparisons} comparisons (each at {threshold:.3g})")
+
+    out = []
+    for name, group in groups.items():
+        zero = [r for r in group if r["eps"] == 0]
+        if zero:
+            r = zero[0]
+            ok = abs(r["robust_accuracy"] - r["clean_accuracy"]) <= 1e-12
+            out.append({"check": "eps0_equals_clean", "attack": name, "passed": ok, "test": "exact equality",
+                        "detail": f"robust = clean = {r['clean_accuracy']:.4f} at ε = 0" if ok else
+                        f"robust accuracy {r['robust_accuracy']:.4f} ≠ clean accuracy {r['clean_accuracy']:.4f} at "
+                        "ε = 0: the attack changes inputs it must not change, or clean and adversarial evaluation "
+                        "differ (randomness in the model?)"})
+    reasons = {"monotone_in_eps": "robust accuracy rises with ε: possible gradient masking or a broken evaluation",
+               "pgd_not_weaker_than_fgsm": "the iterative attack is weaker than one step: possible gradient masking",
+               "more_steps_not_weaker": "more steps find fewer adversarial examples: possible gradient masking"}
+    for check, attack, pairs in planned:
+        bad, shown = [], []
+        for weaker, stronger, what in pairs:
+            result, text = _compare(weaker, stronger, threshold, tolerance)
+            shown.append(f"{what}: {text}")
+            if result:
+                bad.append(f"{what}: {text}")
+        out.append({"check": check, "attack": attack, "passed": not bad,
+                    "test": test if all(_mask(w) and _mask(s_) for w, s_, _ in pairs) else
+                    f"robust accuracies compared, tolerance {tolerance:g}",
+                    "detail": "; ".join(bad) + f": {reasons[check]}" if bad else "; ".join(shown)})
     return out
 
 
-def _eps_list(rows: Iterable[Mapping[str, Any]]) -> str:
-    return ", ".join(f"{r['eps']:.4g}" for r in rows)
+def _single_run(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The row as its own run alone (undoing ``_keep_best_of_both`` where it was applied)."""
+    if "single_run_robust_accuracy" not in row:
+        return row
+    return {**row, "robust_accuracy": row["single_run_robust_accuracy"],
+            "robust_per_image": row.get("single_run_per_image")}
+
+
+def _compare(weaker: Mapping[str, Any], stronger: Mapping[str, Any], threshold: float,
+             tolerance: float) -> tuple[bool, str]:
+    """(fails, description): whether the run that should be ``stronger`` is significantly weaker than ``weaker``."""
+    from scipy.stats import binomtest
+
+    weak, strong = _mask(weaker), _mask(stronger)  # robust under each run, per image
+    if weak is None or strong is None or len(weak) != len(strong):
+        fails = stronger["robust_accuracy"] > weaker["robust_accuracy"] + tolerance
+        return fails, f"robust accuracy {weaker['robust_accuracy']:.4f} vs {stronger['robust_accuracy']:.4f}"
+    only_weak = sum(s and not w for w, s in zip(weak, strong))  # broken only by the run that should be weaker
+    only_strong = sum(w and not s for w, s in zip(weak, strong))
+    p = binomtest(only_weak, only_weak + only_strong, 0.5, alternative="greater").pvalue if only_weak else 1.0
+    return p <= threshold, (f"robust accuracy {weaker['robust_accuracy']:.4f} vs {stronger['robust_accuracy']:.4f}; "
+                            f"{only_weak} images broken only by the first, {only_strong} only by the second "
+                            f"(p = {p:.2g})")

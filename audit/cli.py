@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from audit import (ATTACK_NORMS, DEFAULT_ALPHA, DEFAULT_ATTACKS, DEFAULT_EPS, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII,
-                   DEFAULT_SIGMA, PAPER_ALPHA, PAPER_N, PAPER_N0)
+from audit import (ATTACK_NORMS, DEFAULT_ALPHA, DEFAULT_ATTACKS, DEFAULT_CERTIFY, DEFAULT_EPS, DEFAULT_N, DEFAULT_N0,
+                   DEFAULT_RADII, DEFAULT_SIGMA, DEFAULT_TOLERANCE, PAPER_ALPHA, PAPER_N, PAPER_N0)
 from fedvision.errors import ConfigError, DataError, FedVisionError
 
 # Sensitive attributes audited by default (without --sensitive and --run) when the data has them.
@@ -64,13 +64,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("certification (randomized smoothing)")
     g.add_argument("--sigma", type=float, default=None,
                    help=f"noise level σ (default: the noise_std the model was trained with, else {DEFAULT_SIGMA})")
+    g.add_argument("--certify", choices=("adaptive", "fixed"), default=None,
+                   help=f"adaptive: estimation samples drawn in stages, per image only as many as can change the "
+                        f"certified-accuracy curve, α split over the looks; fixed: Cohen et al.'s CERTIFY with "
+                        f"exactly n samples per image (default: {DEFAULT_CERTIFY})")
     g.add_argument("--n0", type=int, default=None, help=f"selection samples (default: {DEFAULT_N0})")
     g.add_argument("--n", type=int, default=None,
-                   help=f"estimation samples (default: {DEFAULT_N}; caps the radius at σ·Φ⁻¹(α^(1/n)))")
+                   help=f"estimation samples per image: the most (adaptive) or exactly n (fixed) (default: "
+                        f"{DEFAULT_N:,}; n caps the certifiable radius)")
     g.add_argument("--alpha", type=float, default=None,
                    help=f"failure probability of each certificate (default: {DEFAULT_ALPHA})")
+    g.add_argument("--tolerance", type=float, default=None,
+                   help=f"adaptive: stop sampling an image when more samples could not raise its radius by more than "
+                        f"this (L2; default: {DEFAULT_TOLERANCE:g})")
     g.add_argument("--paper-protocol", action="store_true",
-                   help=f"Cohen et al.'s protocol: n0={PAPER_N0}, n={PAPER_N:,}, α={PAPER_ALPHA} (slow on CPU)")
+                   help=f"Cohen et al.'s protocol: fixed-n CERTIFY, n0={PAPER_N0}, n={PAPER_N:,}, α={PAPER_ALPHA} "
+                        "(slow on CPU)")
+    g.add_argument("--require-certified", nargs="+", default=None, metavar="RADIUS:ACCURACY",
+                   help="requirements on the smoothed classifier, e.g. 0.25:0.6 (certified accuracy ≥ 0.6 at L2 "
+                        "radius 0.25); without any, the certified-robustness finding is informational")
     g.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII),
                    help="radii of the certified-accuracy curve (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=1000, help="noisy copies per forward pass (default: 1000)")
@@ -162,17 +174,34 @@ def robustness_options(args: argparse.Namespace, meta: dict[str, Any]):
     from audit.robustness import RobustnessOptions
 
     sigma = args.sigma if args.sigma is not None else (meta.get("noise_std") or DEFAULT_SIGMA)
-    given = {k: getattr(args, k) for k in ("n0", "n", "alpha") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("certify", "n0", "n", "alpha", "tolerance") if getattr(args, k) is not None}
     if args.paper_protocol:
         if given:
-            raise ConfigError(f"--paper-protocol sets n0, n and alpha; drop --{', --'.join(given)}")
-        given = {"n0": PAPER_N0, "n": PAPER_N, "alpha": PAPER_ALPHA}
+            raise ConfigError(f"--paper-protocol sets the method, n0, n and alpha; drop --{', --'.join(given)}")
+        given = {"certify": "fixed", "n0": PAPER_N0, "n": PAPER_N, "alpha": PAPER_ALPHA}
     attacks = list(ATTACK_NORMS) if "all" in args.attacks else args.attacks
     return RobustnessOptions(
         sigma=sigma, **given, batch_size=args.batch_size, radii=args.radii, attacks=attacks,
         eps=parse_eps(args.eps) if args.eps else None, steps=args.steps, smooth_n=args.smooth_n,
         smooth_limit=_positive_or_all(args.smooth_limit, "--smooth-limit"),
-        limit=_positive_or_all(args.limit, "--limit"), seed=args.seed, progress=args.progress)
+        limit=_positive_or_all(args.limit, "--limit"), seed=args.seed, progress=args.progress,
+        require_certified=_requirements(args.require_certified))
+
+
+def _requirements(tokens: list[str] | None) -> dict[float, float] | None:
+    """``--require-certified 0.25:0.6 0.5:0.4`` as {radius: certified accuracy}."""
+    if not tokens:
+        return None
+    out = {}
+    for token in tokens:
+        radius, sep, accuracy = token.partition(":")
+        try:
+            out[float(radius)] = float(accuracy)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"--require-certified: write RADIUS:ACCURACY (e.g. 0.25:0.6), got {token!r}")
+    return out
 
 
 def _show(value: float, norm: str) -> str:
@@ -274,17 +303,24 @@ def _write_robustness(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def _print_robustness(result: dict[str, Any]) -> None:
-    s, p = result["summary"], result["certification"]["params"]
-    print(f"robustness: {result['num_samples']} samples, σ={p['sigma']:g} (n0={p['n0']}, n={p['n']}, "
-          f"α={p['alpha']:g}; largest certifiable radius {p['max_certifiable_radius']:.3f}), "
-          f"clean accuracy {s['clean_accuracy']:.3f}")
-    print("  certified accuracy: " + "  ".join(f"r={r}: {a:.3f}" for r, a in s["certified_accuracy"].items())
-          + f"  (abstained {s['abstain_rate']:.1%})")
+    s, c = result["summary"], result["certification"]
+    p = c["params"]
+    how = (f"adaptive, n0={p['n0']}, n≤{p['n']:,}" if c.get("protocol") == "adaptive" else
+           f"fixed n, n0={p['n0']}, n={p['n']:,}")
+    print(f"robustness: {result['num_samples']} samples, σ={p['sigma']:g} ({how}, α={p['alpha']:g}; largest "
+          f"certifiable radius {p['max_certifiable_radius']:.3f}), clean accuracy {s['clean_accuracy']:.3f}")
+    above = {f"{q['radius']:g}" for q in c["curve"] if q["above_max_certifiable_radius"]}
+    print("  certified accuracy: " + "  ".join(f"r={r}: {a:.3f}" + ("*" if r in above else "")
+                                               for r, a in s["certified_accuracy"].items())
+          + f"  (abstained {s['abstain_rate']:.1%}; samples per image: mean {c['samples']['mean']:,.0f}, "
+            f"max {c['samples']['max']:,}, n0 included" + ("; *: above the largest certifiable radius, says "
+                                                           "nothing about the model" if above else "") + ")")
     for norm, points in s["worst_case_robust_accuracy"].items():
         print(f"  worst-case robust accuracy, {norm}: " + "  ".join(
             f"ε={_show(p['eps'], norm)}: {p['robust_accuracy']:.3f} ({p['attack']})" for p in points if p["eps"] > 0))
     if s["sanity_checks_passed"]:
-        print(f"  sanity checks: all {len(result['sanity_checks'])} passed")
+        print(f"  sanity checks: all {len(result['sanity_checks'])} passed (paired tests, family-wise level "
+              f"{s['sanity_level']:g})")
     else:
         for line in s["sanity_checks_failed"]:
             print(f"  SANITY CHECK FAILED (possible gradient masking or broken evaluation): {line}")
@@ -315,7 +351,9 @@ def _federated_fairness(run_record: Mapping[str, Any] | None, options: dict[str,
     return {"round": number,
             "source": f"run.json, round {number}: per-group confusion counts that each site computed on its own "
                       "held-out data, summed by the coordinator (no image left a site)",
+            "count_noise_std": float(evaluation.get("count_noise_std") or 0.0),
             "attributes": assess_fairness_from_confusion(evaluation["group_confusion"], evaluation["classes"],
+                                                         count_noise_std=float(evaluation.get("count_noise_std") or 0.0),
                                                          **options)}
 
 

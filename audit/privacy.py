@@ -12,7 +12,8 @@
   inflate it. A lower bound above the claimed ε means the accounting (or its implementation) is wrong.
   A bound far below the claim is expected and proves nothing: one model and a few hundred samples give a
   weak attack (Jagielski et al. plant canaries and train many models to get tight bounds).
-* ``run_privacy_audit`` does both for one site of a run; the site's training members can be rebuilt only for
+* ``run_privacy_audit`` does both for one site of a run (and, when the run planted canaries, the one-run canary
+  audit of ``audit.canary``); the site's training members can be rebuilt only for
   simulations, where this machine holds the data.
 """
 
@@ -265,11 +266,12 @@ def run_privacy_audit(model: torch.nn.Module, run_dir: str | Path, *, site: str 
     accounting = privacy_from_run(run_dir)
     record = read_run_record(Path(run_dir) / RUN_RECORD)
     mechanism = noise_independence(record)
+    canary, canary_skipped = _canary(model, Path(run_dir), accounting, confidence)
     try:
         name, members, non_members, non_member_source = _site_samples(Path(run_dir), record, accounting, site)
     except _Skip as skip:
         return {"accounting": accounting, "mechanism": mechanism, "membership_inference": None,
-                "skipped": str(skip)}
+                "skipped": str(skip), "canary": canary, "canary_skipped": canary_skipped}
     rng = np.random.default_rng(seed)
     members, non_members = _cap(members, max_samples, rng), _cap(non_members, max_samples, rng)
     claim = next((s for s in accounting["sites"] if s["site"] == name and s["epsilon"] is not None), None)
@@ -280,7 +282,22 @@ def run_privacy_audit(model: torch.nn.Module, run_dir: str | Path, *, site: str 
                                   confidence=confidence, seed=seed)
     result.update({"site": name, "members_source": f"{name}'s training split (rebuilt from the run config)",
                    "non_members_source": non_member_source, "max_samples": max_samples})
-    return {"accounting": accounting, "mechanism": mechanism, "membership_inference": result, "skipped": None}
+    return {"accounting": accounting, "mechanism": mechanism, "membership_inference": result, "skipped": None,
+            "canary": canary, "canary_skipped": canary_skipped}
+
+
+def _canary(model: torch.nn.Module, run_dir: Path, accounting: dict, confidence: float):
+    """(the one-run canary audit of the canaries' site against its claimed ε, None) or (None, why not)."""
+    from audit.canary import CANARY_FILE, CANARY_SITE, run_canary_audit
+
+    if not (run_dir / CANARY_FILE).exists():
+        return None, "the run planted no canaries (run config canaries = 0, simulation only)"
+    claim = next((s for s in accounting["sites"] if s["site"] == CANARY_SITE), None)
+    if claim is None:
+        return None, f"{CANARY_SITE}, which trained on the canaries, reported nothing in run.json"
+    delta = claim["delta"] if claim["delta"] is not None else accounting["delta"] or 1e-5
+    return run_canary_audit(model, run_dir, claimed_epsilon=claim["epsilon"], delta=delta,
+                            confidence=confidence), None
 
 
 class _Skip(Exception):
@@ -306,7 +323,7 @@ def _site_samples(run_dir: Path, record: dict, accounting: dict, site: str | Non
         raise ConfigError(f"site: {site!r} is not a site of this simulation (site-1 … site-{num_sites})")
     run = RunConfig.from_mapping(record["config"])
     node = NodeConfig.from_mapping({"partition-id": int(match.group(1)) - 1, "num-partitions": num_sites})
-    train, local_test = site_data(run, node)
+    train, local_test = site_data(run, node, with_canaries=False)  # members: the site's own records only
     if local_test is not None and len(local_test) >= 2:
         return site, train.dataset, local_test.dataset, f"{site}'s local held-out split (never trained on)"
     if run.test_dataset:

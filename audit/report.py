@@ -204,9 +204,10 @@ def _privacy(result: Mapping[str, Any] | None) -> dict[str, Any]:
         return _not_assessed("not requested (--checks)")
     if result.get("assessed") is False:
         return _not_assessed(result["reason"])
-    return {"assessed": True, **result["accounting"],
+    return {"assessed": True, **result["accounting"], "mechanism": result.get("mechanism"),
             "membership_inference": result.get("membership_inference"),
-            "membership_inference_skipped": result.get("skipped")}
+            "membership_inference_skipped": result.get("skipped"),
+            "canary": result.get("canary"), "canary_skipped": result.get("canary_skipped")}
 
 
 def _robustness(result: Mapping[str, Any] | None, confidence: float) -> dict[str, Any]:
@@ -216,6 +217,14 @@ def _robustness(result: Mapping[str, Any] | None, confidence: float) -> dict[str
     params = certification["params"]
     k = params["num_samples"]
     curve = {f"{p['radius']:g}": p for p in certification["curve"]}
+    accuracy = {r: p["certified_accuracy"] for r, p in curve.items()}
+    accuracy_ci = {r: wilson_interval(p["certified_accuracy"] * k, k, confidence) for r, p in curve.items()}
+    # g's accuracy (an abstention is an error), whatever the radii asked for
+    correct = sum(row["correct"] for row in certification["rows"])
+    requirements = [{"radius": float(r), "min_certified_accuracy": a, "certified_accuracy": accuracy[r],
+                     "ci": accuracy_ci[r], "met": accuracy[r] >= a,
+                     "above_max_certifiable_radius": curve[r]["above_max_certifiable_radius"]}
+                    for r, a in (result.get("requirements") or {}).items()]
     return {
         "assessed": True,
         "num_samples": result["num_samples"],
@@ -223,14 +232,24 @@ def _robustness(result: Mapping[str, Any] | None, confidence: float) -> dict[str
         "clean_accuracy": summary["clean_accuracy"],
         "certification": {
             "method": certification["method"],
+            "protocol": certification.get("protocol", "fixed"),
             "sigma": params["sigma"], "n0": params["n0"], "n": params["n"], "alpha": params["alpha"],
             "num_samples": k,
-            "certified_accuracy": {r: p["certified_accuracy"] for r, p in curve.items()},
-            "certified_accuracy_ci": {r: wilson_interval(p["certified_accuracy"] * k, k, confidence)
-                                      for r, p in curve.items()},
+            "certified_accuracy": accuracy,
+            "certified_accuracy_ci": accuracy_ci,
             "above_max_certifiable_radius": [r for r, p in curve.items() if p["above_max_certifiable_radius"]],
             "abstain_rate": certification["abstain_rate"],
             "max_certifiable_radius": params["max_certifiable_radius"],
+            "samples_per_image": ({key: certification["samples"][key] for key in ("mean", "max")}
+                                  if "samples" in certification else None),
+            "stopping_rule": params.get("stopping_rule"),
+            "looks": params.get("looks"),
+            "alpha_per_look": params.get("alpha_per_look"),
+            "tolerance": params.get("tolerance"),
+            "smoothed_accuracy": correct / k,
+            "smoothed_accuracy_ci": wilson_interval(correct, k, confidence),
+            "majority_class_rate": summary.get("majority_class_rate"),
+            "requirements": requirements,
         },
         "attacks": [{**row, "robust_accuracy_ci": wilson_interval(row["robust_accuracy"] * row["n"], row["n"],
                                                                    confidence)}
@@ -346,20 +365,37 @@ def _performance_findings(p: Mapping[str, Any]) -> list[dict[str, str]]:
 def _privacy_findings(p: Mapping[str, Any]) -> list[dict[str, str]]:
     if not p["assessed"]:
         return [_finding("privacy: accounting", "not assessed", p["reason"]),
-                _finding("privacy: membership inference", "not assessed", p["reason"])]
+                _finding("privacy: noise independence", "not assessed", p["reason"]),
+                _finding("privacy: membership inference", "not assessed", p["reason"]),
+                _finding("privacy: canary audit", "not assessed", p["reason"])]
     sites = p.get("sites") or []
     over = [s for s in sites if s.get("within_budget") is False]
+    # A site whose DP randomness was seeded (a test mode) or not recorded gives no guarantee against whoever
+    # knows the seed: the coordinator. Exact evaluation counts are a release without noise.
+    not_secret = [s["site"] for s in sites if s.get("epsilon") is not None and s.get("secret_randomness") is not True]
+    exact = [s["site"] for s in sites if s.get("exact_evaluation")]
     if not p.get("dp"):
         accounting = _finding("privacy: accounting", "flag", "trained without DP-SGD: no privacy guarantee")
+    elif not_secret:
+        accounting = _finding("privacy: accounting", "flag", (
+            f"{', '.join(not_secret)}: DP noise and sampling were not drawn from fresh secret randomness "
+            "(seeded test mode, or not recorded): no guarantee against anyone who knows the seed"))
     elif not sites or p.get("epsilon_max") is None:
         accounting = _finding("privacy: accounting", "insufficient data", "no site reported a spent ε")
     elif over:
         accounting = _finding("privacy: accounting", "flag", "; ".join(
             f"{s['site']} spent ε = {s['epsilon']:.3g} over its budget {s['epsilon_budget']:.3g}" for s in over))
+    elif exact:
+        accounting = _finding("privacy: accounting", "flag", (
+            f"{', '.join(exact)} released exact evaluation counts (the site's choice): its local evaluation "
+            f"records have no DP guarantee; training records: ε ≤ {p['epsilon_max']:.3g} at δ = {p['delta']:g}"))
     else:
+        evaluation = [s["epsilon_evaluation"] for s in sites if s.get("epsilon_evaluation") is not None]
         accounting = _finding("privacy: accounting", "pass", (
-            f"ε ≤ {p['epsilon_max']:.3g} at δ = {p['delta']:g} ({p.get('accountant')} accountant, record-level, "
-            f"per site) at all {len(sites)} sites, each within its budget"))
+            f"ε ≤ {p['epsilon_max']:.3g} at δ = {p['delta']:g} for training records"
+            + (f", ε ≤ {max(evaluation):.3g} for local evaluation records" if evaluation else "")
+            + f" ({p.get('accountant')} accountant, record-level, per site) at all {len(sites)} sites, each within "
+              "its budget; DP noise from fresh secret randomness"))
     mia = p.get("membership_inference")
     if mia is None:
         attack = _finding("privacy: membership inference", "not assessed",
@@ -370,41 +406,97 @@ def _privacy_findings(p: Mapping[str, Any]) -> list[dict[str, str]]:
         measured = (f"empirical ε lower bound {mia['epsilon_lower_bound']:.3g} ({mia['confidence']:.0%} confidence) "
                     f"vs claimed ε {mia['claimed_epsilon']:.3g}; attack AUC {mia['auc']:.3f} on "
                     f"{mia['n_members']} members / {mia['n_non_members']} non-members")
-        attack = _finding("privacy: membership inference", "flag" if mia["red_flag"] else "pass",
+        # A weak attack that finds nothing cannot confirm a claim, only fail to contradict it.
+        attack = _finding("privacy: membership inference", "flag" if mia["red_flag"] else "not contradicted",
                           (f"{mia['reason']}: " if mia["red_flag"] and mia.get("reason") else "") + measured)
-    return [accounting, attack]
+    return [accounting, _mechanism_finding(p.get("mechanism")), attack, _canary_finding(p)]
+
+
+def _canary_finding(p: Mapping[str, Any]) -> dict[str, str]:
+    c = p.get("canary")
+    if c is None:
+        return _finding("privacy: canary audit", "not assessed", p.get("canary_skipped") or "not run")
+    measured = (f"canary ε lower bound {c['epsilon_lower_bound']:.3g} ({c['confidence']:.0%} confidence, "
+                f"δ = {c['delta']:g}) from {c['correct']} correct of {c['guesses']} guesses on {c['m']} canaries "
+                f"(score: {c['score']})")
+    if c["claimed_epsilon"] is None:  # no claim to test; the accounting finding flags the missing DP
+        return _finding("privacy: canary audit", "not assessed", f"no ε claimed (trained without DP); {measured}")
+    return _finding("privacy: canary audit", "flag" if c["red_flag"] else "not contradicted",
+                    f"{measured} vs claimed ε {c['claimed_epsilon']:.3g}")
+
+
+def _mechanism_finding(m: Mapping[str, Any] | None) -> dict[str, str]:
+    if not m or not m.get("assessed"):
+        return _finding("privacy: noise independence", "not assessed", (m or {}).get("reason") or "not run")
+    measured = (f"lowest ‖Δa − Δb‖²/(va + vb) = {m['min_statistic']:.3g} ({'/'.join(m['min_pair'])}, round "
+                f"{m['min_round']}) vs threshold {m['threshold']:.3g} over {m['tests']} pairs and rounds, α = "
+                f"{m['alpha']:g}")
+    if m["passed"]:
+        return _finding("privacy: noise independence", "pass",
+                        f"the sites' updates differ by at least the independent noise their ledgers declare: {measured}")
+    return _finding("privacy: noise independence", "flag",
+                    f"{len(m['flagged'])} pair(s) of updates are closer than independent DP noise allows (shared or "
+                    f"missing noise?): {measured}")
 
 
 def _robustness_findings(r: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Robustness is informational unless the auditor stated a requirement (--require-certified); the
+    certificates are flagged when the smoothed classifier is not demonstrably better than always predicting the
+    majority class (the lower end of its accuracy interval), as a certified radius of a useless classifier
+    means nothing."""
     if not r["assessed"]:
         return [_finding("robustness: certified", "not assessed", r["reason"]),
                 _finding("robustness: attacks", "not assessed", r["reason"])]
+    return [_certified_finding(r), _attacks_finding(r)]
+
+
+def _certified_finding(r: Mapping[str, Any]) -> dict[str, str]:
     c = r["certification"]
     level = f"{r['confidence']:.0%}"
-    radii = [k for k in c["certified_accuracy"] if float(k) > 0]
-    if not radii:
-        certified = _finding("robustness: certified", "not assessed", "no radius > 0 on the certified-accuracy curve")
-    else:
-        first = min(radii, key=float)
-        measured = (f"smoothed classifier: certified accuracy {c['certified_accuracy'][first]:.3f} "
-                    f"({level} CI {_interval(c['certified_accuracy_ci'][first])}) at L2 radius {first} "
-                    f"(σ = {c['sigma']:g}, n = {c['n']}, α = {c['alpha']:g}, {c['num_samples']} images)")
-        if c["num_samples"] < MIN_SAMPLES:
-            certified = _finding("robustness: certified", "insufficient data",
-                                 f"only {c['num_samples']} images certified (< {MIN_SAMPLES}): {measured}")
-        else:
-            certified = _finding("robustness: certified", "pass" if c["certified_accuracy"][first] > 0 else "flag",
-                                 measured if c["certified_accuracy"][first] > 0 else f"nothing certified: {measured}")
-    standard = [f"{_eps_text(p['eps'], norm)}: {p['robust_accuracy']:.3f} ({p['attack']})"
+    samples = c.get("samples_per_image")
+    protocol = (f"adaptive CERTIFY, n ≤ {c['n']:,}" if c.get("protocol") == "adaptive" else
+                f"CERTIFY, n = {c['n']:,}") + \
+        (f", {samples['mean']:,.0f} samples per image on average" if samples else "")
+    points = [f"{c['certified_accuracy'][k]:.3f} ({level} CI {_interval(c['certified_accuracy_ci'][k])}) at r = {k}"
+              for k in c["certified_accuracy"] if float(k) > 0
+              and k not in c.get("above_max_certifiable_radius", [])][:2]
+    measured = (f"smoothed classifier: certified accuracy {'; '.join(points) or 'n/a below the certifiable maximum'} "
+                f"(σ = {c['sigma']:g}, {protocol}, α = {c['alpha']:g}, {c['num_samples']} images; largest "
+                f"certifiable radius {c['max_certifiable_radius']:.3f})")
+    if c["num_samples"] < MIN_SAMPLES:
+        return _finding("robustness: certified", "insufficient data",
+                        f"only {c['num_samples']} images certified (< {MIN_SAMPLES}): {measured}")
+    majority, accuracy_ci = c.get("majority_class_rate"), c.get("smoothed_accuracy_ci")
+    if majority is not None and accuracy_ci is not None and accuracy_ci[0] <= majority:
+        return _finding("robustness: certified", "flag",
+                        f"the smoothed classifier's accuracy {c['smoothed_accuracy']:.3f} ({level} CI "
+                        f"{_interval(accuracy_ci)}) is not above the majority-class rate {majority:.3f} of the "
+                        f"certified images: its certificates say nothing useful; {measured}")
+    requirements = c.get("requirements") or []
+    if not requirements:
+        return _finding("robustness: certified", "informational", f"no requirement stated; {measured}")
+    unmet = [q for q in requirements if not q["met"]]
+    stated = "; ".join(
+        f"required ≥ {q['min_certified_accuracy']:g} at r = {q['radius']:g}: {q['certified_accuracy']:.3f} "
+        f"({level} CI {_interval(q['ci'])})" + (" — radius above the largest certifiable radius: raise --n"
+                                                if q["above_max_certifiable_radius"] else "")
+        for q in (unmet or requirements))
+    if unmet and all(q["above_max_certifiable_radius"] for q in unmet):
+        return _finding("robustness: certified", "insufficient data", f"{stated}; {measured}")
+    return _finding("robustness: certified", "flag" if unmet else "pass",
+                    f"{'not met' if unmet else 'met'}: {stated}; {measured}")
+
+
+def _attacks_finding(r: Mapping[str, Any]) -> dict[str, str]:
+    standard = [f"{_eps_text(p['eps'], norm)}: {p['robust_accuracy']:.3f}"
                 for norm, points in r["worst_case_robust_accuracy"].items() for p in points if p["standard"]]
-    measured = "worst-case robust accuracy (an upper bound) at " + ("; ".join(standard) or "no standard ε")
+    measured = ("worst-case robust accuracy per image over the attacks (an upper bound) at "
+                + ("; ".join(standard) or "no standard ε"))
     if r["sanity_checks_passed"]:
-        attacks = _finding("robustness: attacks", "pass", f"sanity checks passed; {measured}")
-    else:
-        failed = [f"{c['check']} ({c['attack']})" for c in r["sanity_checks"] if c["passed"] is False]
-        attacks = _finding("robustness: attacks", "flag",
-                           f"sanity check failed: {', '.join(failed)} (possible gradient masking); {measured}")
-    return [certified, attacks]
+        return _finding("robustness: attacks", "informational", f"sanity checks passed; {measured}")
+    failed = [f"{c['check']} ({c['attack']})" for c in r["sanity_checks"] if c["passed"] is False]
+    return _finding("robustness: attacks", "flag",
+                    f"sanity check failed: {', '.join(failed)} (possible gradient masking); {measured}")
 
 
 def _fairness_findings(f: Mapping[str, Any]) -> list[dict[str, str]]:

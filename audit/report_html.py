@@ -27,7 +27,8 @@ METRIC_LABELS = {"accuracy": "accuracy", "recall": "recall", "fpr": "FPR", "sele
 COLOURS = {"accuracy": "#0072B2", "recall": "#009E73", "fpr": "#D55E00", "selection_rate": "#CC79A7",
            "central": "#0072B2", "federated": "#E69F00", "Linf": "#0072B2", "L2": "#D55E00"}
 ATTACK_MARKERS = "osD^v<>"
-STATUS_ORDER = {"flag": 0, "insufficient data": 1, "not assessed": 2, "pass": 3}
+STATUS_ORDER = {"flag": 0, "insufficient data": 1, "not assessed": 2, "not contradicted": 3, "informational": 4,
+                "pass": 5}
 
 
 class _Html(str):
@@ -102,7 +103,9 @@ def _findings_section(report: Mapping[str, Any]) -> str:
         _table(["status", "check", "finding"], rows, row_classes=[f"row-{_slug(f['status'])}" for f in findings],
                css="findings"),
         '<p class="note">pass: the check ran and met its rule; flag: it ran and found a problem to look at; '
-        "insufficient data: too few samples to judge; not assessed: the check could not run or was not asked "
+        "insufficient data: too few samples to judge; not contradicted: an empirical test found nothing against "
+        "a claim, which it could not have confirmed; informational: measured and shown, with no requirement "
+        "stated to judge it against; not assessed: the check could not run or was not asked "
         "for (never a pass). The rules are in the method notes.</p>")
 
 
@@ -248,6 +251,36 @@ def _provenance_section(report: Mapping[str, Any]) -> str:
     return _section("provenance", *parts)
 
 
+def _mechanism(m: Mapping[str, Any] | None) -> str:
+    if not m or not m.get("assessed"):
+        return _notice(f"Not assessed: {(m or {}).get('reason') or 'not run'}.")
+    verdict = ('<p class="ok">Every pair of sites\' updates differs by at least the independent noise their ledgers '
+               'declare.</p>' if m["passed"] else
+               f'<p class="alert"><strong>Red flag:</strong> {len(m["flagged"])} pair(s) of updates are closer than '
+               'independent DP noise allows: the noise may be shared, reproducible or missing.</p>')
+    rows = [("lowest statistic ‖Δa − Δb‖²/(va + vb)", f"{_num(m['min_statistic'])} "
+             f"({'/'.join(m['min_pair'])}, round {m['min_round']})"),
+            ("threshold", _num(m["threshold"])), ("pairs × rounds tested", _text(m["tests"])),
+            ("α (false-alarm rate of the whole test)", _text(m["alpha"])),
+            ("trainable parameters P", _text(m["parameters"]))]
+    return verdict + _definition_list(rows) + f'<p class="note">{_e(m["method"])}.</p>'
+
+
+def _canary(c: Mapping[str, Any] | None, skipped: str | None) -> str:
+    if not c:
+        return _notice(f"Not assessed: {skipped or 'not run'}.")
+    verdict = (f'<p class="alert"><strong>Red flag:</strong> {_e(c["reason"])}</p>' if c["red_flag"]
+               else f'<p class="ok">{_e(c["reason"])}</p>')
+    rows = [("site with the canaries", c.get("site", "—")),
+            ("canaries m (in by a secret fair coin)", f"{c['m']} ({c.get('canaries_in', '—')} in)"),
+            ("guesses (k₊ in, k₋ out; the rest abstain)", f"{c['guesses']} ({c.get('k_in', '—')} in, "
+                                                          f"{c.get('k_out', '—')} out)"),
+            ("correct guesses", c["correct"]), ("score", c["score"]),
+            (f"canary ε lower bound ({_level(c['confidence'])})", _num(c["epsilon_lower_bound"], 2)),
+            ("claimed ε (the site's accountant)", _num(c["claimed_epsilon"])), ("δ", _sci(c["delta"]))]
+    return verdict + _definition_list(rows) + f'<p class="note">{_e(c["method"])}.</p>'
+
+
 def _privacy_section(privacy: Mapping[str, Any]) -> str:
     if not privacy["assessed"]:
         return _section("privacy", _notice(privacy["reason"]))
@@ -255,13 +288,21 @@ def _privacy_section(privacy: Mapping[str, Any]) -> str:
         f'<p class="headline">{_e(privacy.get("method") or "")}. Worst case over the sites: '
         f'<strong>ε = {_num(privacy["epsilon_max"])}</strong> at δ = {_e(_sci(privacy["delta"]))}.</p>'
         if privacy["dp"] else _notice("The run trained without differential privacy: there is no privacy guarantee."),
-        _table(["site", "ε spent", "ε budget", "δ", "noise multiplier σ", "sample rate q", "steps",
-                "training samples", "accountant", "within budget"],
-               [[s["site"], _num(s["epsilon"]), _num(s["epsilon_budget"]), _sci(s["delta"]),
+        _table(["site", "ε training records", "ε training (RDP cross-check)", "ε evaluation records",
+                "ε budget (each)", "δ", "noise multiplier σ", "sample rate q", "steps", "training samples", "accountant",
+                "secret randomness", "within budget"],
+               [[s["site"], _num(s["epsilon"]), _num(s.get("epsilon_rdp")),
+                 "∞ (exact counts)" if s.get("exact_evaluation") else _num(s.get("epsilon_evaluation")),
+                 _num(s["epsilon_budget"]), _sci(s["delta"]),
                  _num(s.get("noise_multiplier")), _num(s.get("sample_rate")), _text(s.get("steps")),
-                 _text(s.get("num_examples")), _text(s.get("accountant")),
+                 _text(s.get("num_examples")), _text(s.get("accountant")), _yes_no(s.get("secret_randomness")),
                  _yes_no(s.get("within_budget"))]
                 for s in privacy["sites"]]),
+        _table(["site", "also released"], [[s["site"], _text(s.get("released"))] for s in privacy["sites"]]),
+        "<h3>Noise independence</h3>",
+        _mechanism(privacy.get("mechanism")),
+        "<h3>Canary audit (one run)</h3>",
+        _canary(privacy.get("canary"), privacy.get("canary_skipped")),
         "<h3>Membership inference</h3>",
     ]
     attack = privacy["membership_inference"]
@@ -300,8 +341,13 @@ def _robustness_section(robustness: Mapping[str, Any]) -> str:
     c = robustness["certification"]
     level = _level(robustness["confidence"])
     above = set(c.get("above_max_certifiable_radius", []))
+    required = {f"{q['radius']:g}": q for q in c.get("requirements") or []}
     curve_rows = [[r, _with_ci(a, c["certified_accuracy_ci"][r]),
-                   "above the largest certifiable radius: 0 says nothing about the model" if r in above else ""]
+                   "; ".join(filter(None, [
+                       f"above the largest certifiable radius ({_num(c['max_certifiable_radius'])}): a value here says "
+                       "nothing about the model, only about n" if r in above else "",
+                       f"required ≥ {required[r]['min_certified_accuracy']:g}: "
+                       f"{'met' if required[r]['met'] else 'NOT MET'}" if r in required else ""]))]
                   for r, a in c["certified_accuracy"].items()]
     evaluation = [row for row in robustness["attacks"] if row["purpose"] == "evaluation"]
     extra = [row for row in robustness["attacks"] if row["purpose"] != "evaluation"]
@@ -316,13 +362,16 @@ def _robustness_section(robustness: Mapping[str, Any]) -> str:
         f'<p class="headline">{robustness["num_samples"]} images of the audited split, evenly spaced, are '
         f'certified and attacked. Base model clean accuracy on them: {_num(robustness["clean_accuracy"])}.</p>',
         "<h3>Certified robustness (randomized smoothing)</h3>",
-        f'<p>σ = {_num(c["sigma"])}, n0 = {c["n0"]}, n = {c["n"]:,}, α = {_e(_sci(c["alpha"]))}; abstained on '
-        f'{_pct(c["abstain_rate"])} of the images; the largest radius n samples can certify is '
-        f'{_num(c["max_certifiable_radius"])}.</p>',
+        f"<p>{_e(_certification_protocol(c))} Abstained on {_pct(c['abstain_rate'])} of the images; the smoothed "
+        "classifier's accuracy (abstentions count as errors) is "
+        f"{_with_ci(c.get('smoothed_accuracy'), c.get('smoothed_accuracy_ci'))}"
+        + (f" against {_num(c['majority_class_rate'])} for always predicting the most frequent class"
+           if c.get("majority_class_rate") is not None else "") + ".</p>",
         '<div class="pair">',
         _figure(_certified_figure(c, level), "Certified accuracy against L2 radius",
                 f"Share of images the smoothed classifier classifies correctly with a certified L2 radius ≥ r "
-                f"(bars: {level} Wilson intervals over the images). Dashed: the largest certifiable radius."),
+                f"(bars: {level} Wilson intervals over the images). Dashed: the largest certifiable radius; "
+                f"points beyond it (shaded) cannot be above 0 with this n."),
         _table(["radius r (L2)", f"certified accuracy ({level} CI)", ""], curve_rows),
         "</div>",
         "<h3>Empirical robustness (white-box attacks)</h3>",
@@ -424,16 +473,24 @@ def _methods_section(report: Mapping[str, Any]) -> str:
         pgd = next((row for row in robustness["attacks"] if row["name"] in ("pgd", "pgd-l2") and row["eps"] > 0
                     and row["purpose"] == "evaluation"), None)
         smoothed = next((row for row in robustness["attacks"] if row.get("smoothed_samples")), None)
+        adaptive = c.get("protocol") == "adaptive"
         notes += [
-            (f"<strong>Randomized smoothing</strong> (Cohen, Rosenfeld &amp; Kolter, ICML 2019), CERTIFY with "
-             f"σ = {_num(c['sigma'])}, n0 = {c['n0']}, n = {c['n']:,}, α = {_e(_sci(c['alpha']))} on "
-             f"{c['num_samples']} images: p_A is the one-sided (1 − α) Clopper–Pearson lower bound, radius "
-             f"σ·Φ⁻¹(p_A); largest certifiable radius σ·Φ⁻¹(α^(1/n)) = {_num(c['max_certifiable_radius'])}."),
+            (f"<strong>Randomized smoothing</strong> (Cohen, Rosenfeld &amp; Kolter, ICML 2019), "
+             + (f"CERTIFY with staged sampling: {_e(c.get('stopping_rule') or '')}; " if adaptive else "CERTIFY with ")
+             + f"σ = {_num(c['sigma'])}, n0 = {c['n0']} selection samples, n {'≤' if adaptive else '='} {c['n']:,} "
+             f"estimation samples, α = {_e(_sci(c['alpha']))} on {c['num_samples']} images: p_A is the one-sided "
+             + ("Clopper–Pearson lower bound at α / (number of looks) at each look (the largest one seen; all hold "
+                "together with probability ≥ 1 − α), " if adaptive else
+                "(1 − α) Clopper–Pearson lower bound, ")
+             + f"radius σ·Φ⁻¹(p_A); largest certifiable radius = {_num(c['max_certifiable_radius'])}."),
             f"<strong>Attacks</strong> (torchattacks 3.3), ε on [0, 1] images: {_e(eps)}"
             + (f"; PGD {pgd['steps']} steps of 2.5·ε/steps, {pgd['restarts']} restart(s)" if pgd else "")
             + ". Minimum-norm attacks (DeepFool, CW) run once; at each ε an image counts as broken only if they "
-              "fooled the model with a perturbation of L2 norm ≤ ε. Sanity checks: ε = 0 equals clean accuracy, "
-              "robust accuracy non-increasing in ε, PGD not weaker than FGSM, more steps not weaker.",
+              "fooled the model with a perturbation of L2 norm ≤ ε. Worst case: per image, over every attack of the "
+              "norm within ε. Sanity checks: ε = 0 equals clean accuracy (exactly); robust accuracy not rising in "
+              "ε, PGD not weaker than FGSM, more steps not weaker, each compared on the same images and failed only "
+              "when an exact one-sided sign test on the images where the two runs disagree rejects at a "
+              "family-wise level of 0.05 (Bonferroni over the comparisons).",
         ]
         if smoothed:
             notes.append(f"<strong>Smoothed classifier under attack</strong>: PREDICT with n = "
@@ -460,7 +517,9 @@ def _methods_section(report: Mapping[str, Any]) -> str:
         "<strong>Findings</strong>: performance is flagged when the lower end of its interval does not exceed the "
         "majority-class rate; privacy accounting when a site spent more than its budget or trained without DP; "
         "membership inference when the empirical ε lower bound exceeds the claimed ε; certified robustness when "
-        "nothing is certified at the smallest positive radius; attacks when a sanity check fails; fairness when a "
+        "the smoothed classifier's accuracy interval does not clear the majority-class rate, or a stated "
+        "requirement (--require-certified) is not met, and informational without a requirement; attacks when a "
+        "sanity check fails, informational otherwise; fairness when a "
         f"judged group is outside the ratio bounds. Fewer than {MIN_SAMPLES} samples (images) is insufficient data.")
     return _section("methods", "<ul>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>")
 
@@ -523,6 +582,17 @@ def _roc_figure(attack: Mapping[str, Any]):
     return figure
 
 
+def _certification_protocol(c: Mapping[str, Any]) -> str:
+    samples = c.get("samples_per_image")
+    spent = f" Samples per image (n0 included): mean {samples['mean']:,.0f}, max {samples['max']:,}." if samples else ""
+    if c.get("protocol") == "adaptive":
+        return (f"Adaptive CERTIFY: σ = {c['sigma']:g}, n0 = {c['n0']}, at most n = {c['n']:,} estimation samples "
+                f"per image, α = {c['alpha']:g} over all looks ({c.get('stopping_rule') or ''}).{spent} The largest "
+                f"radius this n can certify is {c['max_certifiable_radius']:.3f}.")
+    return (f"CERTIFY with a fixed n: σ = {c['sigma']:g}, n0 = {c['n0']}, n = {c['n']:,}, α = {c['alpha']:g}.{spent} "
+            f"The largest radius n samples can certify is {c['max_certifiable_radius']:.3f}.")
+
+
 def _certified_figure(certification: Mapping[str, Any], level: str):
     figure = _new_figure(4.2, 3.0)
     ax = figure.add_subplot()
@@ -531,8 +601,10 @@ def _certified_figure(certification: Mapping[str, Any], level: str):
     intervals = list(certification["certified_accuracy_ci"].values())
     ax.errorbar(radii, values, yerr=_errors(values, intervals), marker="o", capsize=3, color=COLOURS["accuracy"],
                 label=f"certified accuracy ({level} CI)")
-    ax.axvline(certification["max_certifiable_radius"], color="#999999", linestyle="--", linewidth=1,
-               label="largest certifiable radius")
+    ceiling = certification["max_certifiable_radius"]
+    ax.axvline(ceiling, color="#999999", linestyle="--", linewidth=1, label="largest certifiable radius")
+    if radii and max(radii) > ceiling:
+        ax.axvspan(ceiling, max(radii) * 1.05, color="#999999", alpha=0.15, linewidth=0)
     _style(ax, "L2 radius r", "certified accuracy")
     ax.legend(loc="upper right", frameon=False, fontsize=8)
     return figure
@@ -751,6 +823,8 @@ tr.row-overall td { font-weight: 600; }
 .s-pass { color: var(--pass); background: var(--pass-bg); }
 .s-flag { color: var(--flag); background: var(--flag-bg); }
 .s-not-assessed { color: var(--na); background: var(--na-bg); }
+.s-not-contradicted { color: var(--na); background: var(--na-bg); }
+.s-informational { color: var(--na); background: var(--na-bg); }
 .s-insufficient-data { color: var(--insufficient); background: var(--insufficient-bg); }
 .tally .badge { margin-right: 2px; }
 .flagged { color: var(--flag); font-weight: 600; }

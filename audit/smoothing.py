@@ -3,14 +3,18 @@
 The smoothed classifier is g(x) = argmax_c P(f(x + δ) = c), δ ~ N(0, σ²I). ``Smooth`` mirrors the authors'
 reference code: ``certify`` is the paper's CERTIFY (a class and an L2 radius within which g provably does not
 change, with probability ≥ 1 − α over the sampling), ``predict`` is PREDICT (g's class, or abstain, with
-probability ≥ 1 − α of not returning a wrong "top" class). ``certify_dataset`` runs CERTIFY over a dataset and
-summarises it as the certified-accuracy curve.
+probability ≥ 1 − α of not returning a wrong "top" class). ``certify_adaptive`` is CERTIFY with the estimation
+samples drawn in stages (``Adaptive``): it stops when more samples would not change what the audit reports,
+and splits α over every look it could take, so each certificate still holds with probability ≥ 1 − α.
+``certify_dataset`` runs either over a dataset, images batched together, and summarises it as the
+certified-accuracy curve.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,8 +22,87 @@ import torch
 import torch.nn as nn
 from scipy.stats import beta, binomtest, norm
 
-from audit import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII
+from audit import (DEFAULT_ALPHA, DEFAULT_FIRST_LOOK, DEFAULT_FUTILITY, DEFAULT_GROWTH, DEFAULT_N, DEFAULT_N0,
+                   DEFAULT_RADII, DEFAULT_TOLERANCE)
 from fedvision.errors import ConfigError, DataError
+
+METHODS = {"adaptive": "randomized smoothing, CERTIFY with staged sampling and α split over a fixed schedule of "
+                       "looks (Bonferroni); Cohen, Rosenfeld & Kolter, ICML 2019",
+           "fixed": "randomized smoothing, CERTIFY (Cohen, Rosenfeld & Kolter, ICML 2019)"}
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """When ``Smooth.certify_adaptive`` looks at its counts, and when it stops.
+
+    The estimation samples are drawn in stages up to the looks ``first_n, first_n·growth, …, max_n`` (a
+    schedule fixed before any sample is drawn). At every look p_A's lower bound is the one-sided Clopper–Pearson
+    bound at α / (number of looks): by the union bound all of them hold together with probability ≥ 1 − α,
+    so the largest one seen is a valid bound whenever sampling stops (the schedule is fixed in advance, so the
+    union bound covers every look the rule could take; stopping early only skips looks). The stopping rule
+    decides how many samples are spent, never what they certify.
+
+    Sampling stops at a look when, even if p_A were as high as its upper confidence bound at level
+    ``futility``, the radius ``max_n`` samples would certify (the *reach*) is not above the next radius of
+    ``radii`` above the current one (the certified-accuracy curve cannot change), or exceeds the current radius
+    by at most ``tolerance`` (an abstention counts as radius 0 here); and always at ``max_n``.
+    """
+
+    max_n: int = DEFAULT_N
+    radii: tuple[float, ...] = DEFAULT_RADII
+    tolerance: float = DEFAULT_TOLERANCE
+    first_n: int = DEFAULT_FIRST_LOOK
+    growth: float = DEFAULT_GROWTH
+    futility: float = DEFAULT_FUTILITY
+
+    def __post_init__(self) -> None:
+        for name in ("max_n", "first_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
+        _check_positive(self.growth, "growth")
+        if self.growth <= 1:
+            raise ConfigError(f"growth must be > 1, got {self.growth!r}")
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
+                or not math.isfinite(self.tolerance) or self.tolerance < 0:
+            raise ConfigError(f"tolerance must be a number ≥ 0, got {self.tolerance!r}")
+        _check_positive(self.futility, "futility")
+        if self.futility >= 1:
+            raise ConfigError(f"futility must be in (0, 1), got {self.futility!r}")
+        object.__setattr__(self, "radii", _check_radii(self.radii))
+
+    @property
+    def looks(self) -> list[int]:
+        looks, n = [], self.first_n
+        while n < self.max_n:
+            looks.append(n)
+            n = max(n + 1, math.ceil(n * self.growth))
+        return looks + [self.max_n]
+
+    def alpha_per_look(self, alpha: float) -> float:
+        return alpha / len(self.looks)
+
+    def stop(self, nA, n: int, pABar, sigma: float, alpha: float):
+        """Whether to stop after ``n`` estimation samples, ``nA`` of them for the selected class, with the best
+        lower bound ``pABar`` on p_A so far (numbers, or arrays of them for many images at the same look)."""
+        nA, pABar = np.asarray(nA), np.asarray(pABar, dtype=float)
+        if n >= self.max_n:
+            return np.ones(nA.shape, dtype=bool) if nA.ndim else True
+        p_up = np.where(nA < n, beta.ppf(1 - self.futility, nA + 1, np.maximum(n - nA, 1)), 1.0)
+        reach_p = _lower_bound(np.floor(p_up * self.max_n), self.max_n, self.alpha_per_look(alpha))
+        reach = sigma * norm.ppf(np.maximum(reach_p, 0.5))
+        current = np.where(pABar >= 0.5, sigma * norm.ppf(np.maximum(pABar, 0.5)), -np.inf)  # -inf: abstains
+        radii = np.sort(np.asarray(self.radii))
+        above = np.searchsorted(radii, current, side="right")  # index of the next reported radius
+        next_radius = np.where(above < len(radii), radii[np.minimum(above, len(radii) - 1)], np.inf)
+        done = ((reach_p < 0.5)  # abstains whatever the remaining samples show
+                | (reach < next_radius)  # cannot lift the radius above the next reported one
+                | (reach - np.maximum(current, 0.0) <= self.tolerance))  # cannot change it by more than tolerance
+        return done if done.ndim else bool(done)
+
+    def max_certifiable_radius(self, sigma: float, alpha: float) -> float:
+        """The largest radius this schedule can certify: all ``max_n`` samples agree, at the last look's level."""
+        return max_certifiable_radius(sigma, self.max_n, self.alpha_per_look(alpha))
 
 
 class Smooth:
@@ -60,6 +143,28 @@ class Smooth:
             return Smooth.ABSTAIN, 0.0
         return cAHat, self.sigma * float(norm.ppf(pABar))
 
+    def certify_adaptive(self, x: torch.Tensor, n0: int, alpha: float, batch_size: int,
+                         rule: Adaptive) -> tuple[int, float, int]:
+        """CERTIFY with the estimation samples drawn in stages (``rule``): (class, radius, estimation samples
+        drawn), or (ABSTAIN, 0.0, samples). With probability ≥ 1 − α, g(x + δ) = class for every
+        ||δ||₂ < radius."""
+        _check_sampling(rule.max_n, alpha, batch_size, n0)
+        self.base_classifier.eval()
+        # select the top class on samples of its own, as CERTIFY does
+        cAHat = int(self._sample_noise(x, n0, batch_size).argmax())
+        nA = n = 0
+        pABar = 0.0
+        for look in rule.looks:
+            # draw more samples up to the next look; every look's bound is at α / (number of looks)
+            nA += int(self._sample_noise(x, look - n, batch_size)[cAHat])
+            n = look
+            pABar = max(pABar, self._lower_confidence_bound(nA, n, rule.alpha_per_look(alpha)))
+            if rule.stop(nA, n, pABar, self.sigma, alpha):
+                break
+        if pABar < 0.5:
+            return Smooth.ABSTAIN, 0.0, n
+        return cAHat, self.sigma * float(norm.ppf(pABar)), n
+
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int) -> int:
         """PREDICT: g's class at ``x``, or ABSTAIN. With probability ≥ 1 − α the class returned (if any) is
         g(x), i.e. the most probable class of f under noise."""
@@ -74,29 +179,36 @@ class Smooth:
 
     def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
         """Class counts of f on ``num`` draws of x + N(0, σ²I), evaluated ``batch_size`` at a time."""
-        x = torch.as_tensor(x).to(self.device, _dtype_of(self.base_classifier))
-        counts = np.zeros(self.num_classes, dtype=np.int64)
-        with torch.inference_mode():
-            for _ in range(math.ceil(num / batch_size)):
-                this_batch_size = min(batch_size, num)
-                num -= this_batch_size
-                batch = x.expand(this_batch_size, *x.shape)
-                noise = self.sigma * torch.randn(batch.shape, generator=self.generator, device=self.device,
-                                                 dtype=x.dtype)
-                predictions = self.base_classifier(_fast_layout(batch + noise)).argmax(1)
-                counts += self._count_arr(predictions)
-        return counts
+        return self._sample_noise_many(torch.as_tensor(x)[None], [num], batch_size)[0]
 
-    def _count_arr(self, predictions: torch.Tensor) -> np.ndarray:
-        counts = torch.bincount(predictions, minlength=self.num_classes).cpu().numpy()
-        if len(counts) != self.num_classes:
-            raise ConfigError(f"the model predicts {len(counts)}+ classes but num_classes is {self.num_classes}")
-        return counts
+    def _sample_noise_many(self, xs: torch.Tensor, nums: Sequence[int], batch_size: int) -> np.ndarray:
+        """Class counts (len(xs) × num_classes) of f on ``nums[i]`` draws of xs[i] + N(0, σ²I) each.
+
+        The draws of all images are laid end to end and cut into forward passes of ``batch_size``, so an image
+        that needs fewer samples than a batch shares its batch with the next ones (a GPU stays busy)."""
+        xs = torch.as_tensor(xs).to(self.device, _dtype_of(self.base_classifier))
+        k = len(xs)
+        ends = torch.as_tensor(np.cumsum(np.asarray(nums, dtype=np.int64)), device=self.device)
+        total = int(ends[-1]) if k else 0
+        counts = torch.zeros(k * self.num_classes, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            for start in range(0, total, batch_size):
+                positions = torch.arange(start, min(start + batch_size, total), device=self.device)
+                owner = torch.searchsorted(ends, positions, right=True)
+                batch = xs.index_select(0, owner)
+                batch.add_(torch.randn(batch.shape, generator=self.generator, device=self.device, dtype=batch.dtype),
+                           alpha=self.sigma)
+                predictions = self.base_classifier(_fast_layout(batch)).argmax(1)
+                if len(predictions) and int(predictions.max()) >= self.num_classes:
+                    raise ConfigError(f"the model predicts {int(predictions.max()) + 1}+ classes but num_classes is "
+                                      f"{self.num_classes}")
+                counts += torch.bincount(owner * self.num_classes + predictions, minlength=k * self.num_classes)
+        return counts.view(k, self.num_classes).cpu().numpy()
 
     def _lower_confidence_bound(self, NA: int, N: int, alpha: float) -> float:
         """One-sided (1 − α) Clopper–Pearson lower bound on p from NA successes in N trials: the lower end of
         the two-sided level-2α interval (statsmodels' ``proportion_confint(NA, N, 2α, method="beta")[0]``)."""
-        return float(beta.ppf(alpha, NA, N - NA + 1)) if NA > 0 else 0.0
+        return _lower_bound(NA, N, alpha)
 
 
 def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
@@ -107,19 +219,28 @@ def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
 def certify_dataset(model: nn.Module, dataset, sigma: float, n0: int = DEFAULT_N0, n: int = DEFAULT_N,
                     alpha: float = DEFAULT_ALPHA, batch_size: int = 1000, radii: Sequence[float] = DEFAULT_RADII,
                     limit: int | None = None, seed: int = 0, progress: bool = True,
-                    num_classes: int | None = None) -> dict[str, Any]:
-    """Run CERTIFY on ``dataset`` (items ``(image in [0, 1], label)``); ``limit`` certifies that many images,
-    evenly spaced through the dataset (the paper certifies every 20th CIFAR-10 test image).
+                    num_classes: int | None = None, method: str = "adaptive",
+                    tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+    """Certify ``dataset`` (items ``(image in [0, 1], label)``); ``limit`` certifies that many images, evenly
+    spaced through the dataset (the paper certifies every 20th CIFAR-10 test image).
 
-    Returns ``params`` (σ, n0, n, α, batch size, seed, number of images, max certifiable radius), ``curve``
-    (certified accuracy at each radius r: the fraction of images that are certified correctly with radius
-    ≥ r; at r = 0 that is the smoothed classifier's non-abstaining accuracy), ``abstain_rate`` and one row per
-    image (index, label, prediction, radius, correct, seconds).
+    ``method``: ``"adaptive"`` (``Smooth.certify_adaptive`` with ``Adaptive(max_n=n, radii=radii,
+    tolerance=tolerance)``) or ``"fixed"`` (Cohen's CERTIFY with exactly n estimation samples per image). Both
+    give the same certificates per image as calling ``Smooth`` image by image; here the images' samples share
+    forward passes of ``batch_size``.
+
+    Returns ``method``, ``params`` (σ, n0, n, α, batch size, seed, number of images, max certifiable radius and,
+    adaptive, the looks, α per look, tolerance and futility level), ``curve`` (certified accuracy at each radius
+    r: the fraction of images certified correctly with radius ≥ r; at r = 0 the smoothed classifier's
+    non-abstaining accuracy), ``abstain_rate``, ``samples`` (per image, n0 included: mean, max, min, total),
+    ``seconds``, ``samples_per_second`` and one row per image (index, label, prediction, radius, correct,
+    samples, seconds: the image's share of the time, by samples).
     """
+    if method not in METHODS:
+        raise ConfigError(f"certification method must be one of {', '.join(METHODS)}, got {method!r}")
     _check_sampling(n, alpha, batch_size, n0)
-    radii = [float(r) for r in radii]
-    if not radii or any(not math.isfinite(r) or r < 0 for r in radii):
-        raise ConfigError(f"radii must be non-negative numbers, got {radii!r}")
+    radii = _check_radii(radii)
+    rule = Adaptive(max_n=n, radii=radii, tolerance=tolerance) if method == "adaptive" else None
     indices = select_indices(len(dataset), limit)
     if num_classes is None:
         num_classes = infer_num_classes(model, dataset[indices[0]][0])
@@ -129,27 +250,88 @@ def certify_dataset(model: nn.Module, dataset, sigma: float, n0: int = DEFAULT_N
 
     rows = []
     start = time.perf_counter()
-    for i in tqdm(indices, desc=f"certify σ={sigma:g} n={n}", unit="img", disable=not progress, leave=False):
-        x, label = dataset[i]
+    bar = tqdm(total=len(indices), desc=f"certify σ={sigma:g} {method} n≤{n:,}" if rule else
+               f"certify σ={sigma:g} n={n:,}", unit="img", disable=not progress, leave=False)
+    # Enough images per group to fill a batch at the first look, few enough to keep the images in memory.
+    group = max(1, min(256, -(-batch_size // (rule.looks[0] if rule else n))))
+    for g0 in range(0, len(indices), group):
+        chunk = indices[g0:g0 + group]
+        items = [dataset[i] for i in chunk]
         t0 = time.perf_counter()
-        prediction, radius = smoothed.certify(torch.as_tensor(x), n0, n, alpha, batch_size)
-        rows.append({"index": int(i), "label": int(label), "prediction": int(prediction), "radius": float(radius),
-                     "correct": bool(prediction == int(label)), "seconds": time.perf_counter() - t0})
+        results = _certify_many(smoothed, torch.stack([torch.as_tensor(x) for x, _ in items]), n0, n, alpha,
+                                batch_size, rule)
+        seconds = time.perf_counter() - t0
+        total = sum(used for _, _, used in results) + n0 * len(chunk)
+        for i, (x, label), (prediction, radius, used) in zip(chunk, items, results):
+            rows.append({"index": int(i), "label": int(label), "prediction": int(prediction), "radius": float(radius),
+                         "correct": bool(prediction == int(label)), "samples": n0 + used,
+                         "seconds": seconds * (n0 + used) / total})
+        bar.update(len(chunk))
+    bar.close()
+    elapsed = time.perf_counter() - start
 
-    ceiling = max_certifiable_radius(sigma, n, alpha)
+    ceiling = rule.max_certifiable_radius(sigma, alpha) if rule else max_certifiable_radius(sigma, n, alpha)
     count = len(rows)
+    samples = np.array([row["samples"] for row in rows])
     curve = [{"radius": r,
               "certified_accuracy": sum(row["correct"] and row["radius"] >= r for row in rows) / count,
               "above_max_certifiable_radius": r > ceiling} for r in radii]
+    params = {"sigma": float(sigma), "n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size, "seed": seed,
+              "num_samples": count, "num_classes": num_classes, "max_certifiable_radius": ceiling}
+    if rule:
+        params.update(max_n=n, looks=rule.looks, alpha_per_look=rule.alpha_per_look(alpha), tolerance=rule.tolerance,
+                      futility=rule.futility, stopping_rule=stopping_rule_text(rule, alpha))
     return {
-        "method": "randomized smoothing, CERTIFY (Cohen, Rosenfeld & Kolter, ICML 2019)",
-        "params": {"sigma": float(sigma), "n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size, "seed": seed,
-                   "num_samples": count, "num_classes": num_classes, "max_certifiable_radius": ceiling},
+        "method": METHODS[method],
+        "protocol": method,
+        "params": params,
         "curve": curve,
         "abstain_rate": sum(row["prediction"] == Smooth.ABSTAIN for row in rows) / count,
-        "seconds": time.perf_counter() - start,
+        "samples": {"mean": float(samples.mean()), "max": int(samples.max()), "min": int(samples.min()),
+                    "total": int(samples.sum()), "includes_n0": True},
+        "seconds": elapsed,
+        "samples_per_second": float(samples.sum() / elapsed) if elapsed > 0 else None,
         "rows": rows,
     }
+
+
+def stopping_rule_text(rule: Adaptive, alpha: float) -> str:
+    """The stopping rule in one line, for reports."""
+    return (f"looks at {', '.join(f'{k:,}' for k in rule.looks)} estimation samples, α = {alpha:g} split evenly "
+            f"over the {len(rule.looks)} looks (Bonferroni: {rule.alpha_per_look(alpha):.3g} each); stop at a look "
+            f"when "
+            f"the radius {rule.max_n:,} samples could reach (p_A at its {1 - rule.futility:g} upper bound) is below "
+            f"the next reported radius or within {rule.tolerance:g} of the radius already certified")
+
+
+def _certify_many(smoothed: Smooth, xs: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                  rule: Adaptive | None) -> list[tuple[int, float, int]]:
+    """``Smooth.certify`` (rule None) or ``Smooth.certify_adaptive`` for each image of ``xs``, image by image the
+    same computation, with the samples of all images still sampling sharing forward passes."""
+    smoothed.base_classifier.eval()
+    k = len(xs)
+    cAHat = smoothed._sample_noise_many(xs, [n0] * k, batch_size).argmax(1)
+    looks, level = (rule.looks, rule.alpha_per_look(alpha)) if rule else ([n], alpha)
+    nA, used, pABar = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64), np.zeros(k)
+    active = np.arange(k)
+    for look in looks:
+        counts = smoothed._sample_noise_many(xs[torch.as_tensor(active)], look - used[active], batch_size)
+        nA[active] += counts[np.arange(len(active)), cAHat[active]]
+        used[active] = look
+        pABar[active] = np.maximum(pABar[active], _lower_bound(nA[active], look, level))
+        if rule:
+            active = active[~rule.stop(nA[active], look, pABar[active], smoothed.sigma, alpha)]
+        if not len(active):
+            break
+    return [(Smooth.ABSTAIN, 0.0, int(used[i])) if pABar[i] < 0.5 else
+            (int(cAHat[i]), smoothed.sigma * float(norm.ppf(pABar[i])), int(used[i])) for i in range(k)]
+
+
+def _lower_bound(NA, N, alpha: float):
+    """Clopper–Pearson one-sided (1 − α) lower bound, elementwise for arrays."""
+    NA = np.asarray(NA, dtype=float)
+    bound = np.where(NA > 0, beta.ppf(alpha, np.maximum(NA, 1), N - NA + 1), 0.0)
+    return float(bound) if bound.ndim == 0 else bound
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -206,3 +388,13 @@ def _check_sampling(n: int, alpha: float, batch_size: int, n0: int | None = None
     _check_positive(alpha, "alpha")
     if alpha >= 1:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
+
+
+def _check_radii(radii: Sequence[float]) -> tuple[float, ...]:
+    try:
+        radii = tuple(float(r) for r in radii if not isinstance(r, bool))
+    except (TypeError, ValueError):
+        raise ConfigError(f"radii must be non-negative numbers, got {radii!r}") from None
+    if not radii or any(not math.isfinite(r) or r < 0 for r in radii):
+        raise ConfigError(f"radii must be non-negative numbers, got {radii!r}")
+    return radii

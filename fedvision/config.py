@@ -107,6 +107,9 @@ class RunConfig:
                                         "seeds its DP noise and sampling with this value (-1 = off). NOT private: "
                                         "the ledgers, run.json and the report say so; a deployed site refuses it",
                                         -1, lambda v: v >= -1, "≥ -1")
+    canaries: int = _opt("simulation only, a test hook for the privacy audit: this many canaries (noise images with "
+                         "random labels), each added to site-1's training data by a secret fair coin, for the one-run "
+                         "canary audit (0 = off); a deployed site refuses it", 0, _non_negative, "≥ 0")
     # -- bookkeeping (set by the CLI) ----------------------------------------------------------------------
     run_dir: str = _opt("folder for checkpoints, run.json and (in simulation) site state", "fedvision-run")
     resume: bool = _opt("continue from the last checkpoint in run-dir", False)

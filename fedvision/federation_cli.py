@@ -59,6 +59,8 @@ def simulate(overrides: dict[str, Any], sites: int, quiet: bool = False) -> Path
     config_path = run_dir / "run-config.toml"
     atomic_write_text(config_path, "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
     atomic_write_json(run_dir / SIMULATION_FILE, {"sites": sites})
+    if run.canaries > 0:
+        _write_canaries(run, run_dir)
 
     env = dict(os.environ)
     env["FLWR_HOME"] = str(run_dir / ".flwr")
@@ -149,6 +151,21 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
     except OSError:
         return False
+
+
+def _write_canaries(run: RunConfig, run_dir: Path) -> None:
+    """The canary audit's canaries and secret coins (``audit.canary``), written once per run before Flower starts;
+    a resumed run keeps the coins its sites already trained with."""
+    from fedvision.data.canaries import CANARY_FILE, make_canaries, save_canaries
+    from fedvision.site import load_for_run
+
+    path = run_dir / CANARY_FILE
+    if run.resume:
+        if not path.exists():
+            raise ConfigError(f"{path}: missing; a run with canaries resumes only with the coins it started with")
+        return
+    classes = len(load_for_run(run, run.dataset, "train").classes)
+    save_canaries(path, make_canaries(run.canaries, classes, run.channels, run.image_size))
 
 
 def _check_model(run: RunConfig) -> None:

@@ -215,6 +215,8 @@ class SitePolicy:
         if run.insecure_shared_dp_seed >= 0:
             return ("the run asks insecure-shared-dp-seed (reproducible DP noise); this site's policy requires fresh "
                     "secret noise")
+        if run.canaries > 0:
+            return "the run asks canaries (a simulation-only audit hook); this site never trains on injected records"
         if run.delta > self.delta:
             return f"the run asks delta={run.delta:g}; this site's policy allows at most {self.delta:g}"
         if 0 < run.noise_multiplier < self.min_noise_multiplier:

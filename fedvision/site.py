@@ -91,10 +91,11 @@ def _local_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
-def site_data(run: RunConfig, node: NodeConfig) -> tuple[Any, Any | None]:
+def site_data(run: RunConfig, node: NodeConfig, with_canaries: bool = True) -> tuple[Any, Any | None]:
     """A site's (training data, local test data or None), exactly as the site trains and evaluates on them.
 
-    Reads no ledger and writes nothing, so the privacy audit can rebuild a simulated site's training members.
+    Reads no ledger and writes nothing, so the privacy audit can rebuild a simulated site's training members
+    (``with_canaries=False``: without the canary audit's canaries, which simulated site-1 adds to its training data).
     """
     from fedvision.data import partition, subset
 
@@ -109,11 +110,17 @@ def site_data(run: RunConfig, node: NodeConfig) -> tuple[Any, Any | None]:
             raise ConfigError("node config: 'data' is required (e.g. data=manifest:/data/site/manifest.csv)")
         data = load_for_run(run, node.data, "train")
     if node.test_data:
-        return data, load_for_run(run, node.test_data, "test")
-    if run.local_test_fraction > 0 and len(data) >= 10:
+        train, test = data, load_for_run(run, node.test_data, "test")
+    elif run.local_test_fraction > 0 and len(data) >= 10:
         tr, te = _local_split(len(data), run.local_test_fraction, run.seed)
-        return subset(data, tr), subset(data, te)
-    return data, None
+        train, test = subset(data, tr), subset(data, te)
+    else:
+        train, test = data, None
+    if node.simulated and node.partition_id == 0 and run.canaries > 0 and with_canaries:
+        from fedvision.data.canaries import CANARY_FILE, load_canaries, with_canaries as add_canaries
+
+        train = add_canaries(train, load_canaries(Path(run.run_dir) / CANARY_FILE))  # after the local split
+    return train, test
 
 
 @dataclass
