@@ -184,24 +184,20 @@ def test_coordinator_killed_mid_run_and_resumed(deploy, tmp_path):
     assert all(sorted(r["accepted"]) == sites for r in record["rounds"])
 
 
-def test_poisoned_site_under_a_robust_strategy_is_excluded_or_neutralised_and_named(deploy, tmp_path):
+def test_deployed_sites_ignore_the_simulation_only_attack_hook(deploy, tmp_path):
+    """`simulated-attacks` poisons simulated sites only (tests/test_federation_e2e.py covers the robust rules there):
+    a coordinator's run config cannot make a deployed hospital send poisoned or altered updates."""
     d = deploy(sites=3)
     sites = ["site-1", "site-2", "site-3"]
     _start_sites(d, sites)
     run_dir = tmp_path / "run"
     proc = d.flwr_run(d.run_config(run_dir, **{
-        "num-server-rounds": 3, "strategy": "fedmedian", "min-train-nodes": 2, "min-available-nodes": 3,
-        "simulated-attacks": "site-3:nan/scale=100/signflip"}))
+        "num-server-rounds": 2, "strategy": "fedmedian", "min-train-nodes": 2, "min-available-nodes": 3,
+        "simulated-attacks": "site-3:nan/scale=100"}))
     _finish(d, proc)
     record = _check_lineage_and_ledgers(d, run_dir, sites)
-    by_round = {k: {x["round"]: x for x in record[k] if x["site"] == "site-3"} for k in ("rejected", "suspects")}
-    assert "NaN" in by_round["rejected"][1]["reason"]  # round 1: NaN weights, rejected by validation
-    assert "median" in by_round["rejected"][2]["reason"]  # round 2: ×100 update, rejected as a norm outlier
-    assert "opposes the aggregate" in by_round["suspects"][3]["reason"]  # round 3: sign-flipped, named
-    assert record["rounds"][2]["sites"]["site-3"]["cosine-to-aggregate"] < 0
-    honest = {"site-1", "site-2"}
-    assert not [x for k in ("rejected", "suspects", "failed") for x in record[k] if x["site"] in honest]
+    assert not [x for k in ("rejected", "failed", "refused") for x in record[k]]
     for r in record["rounds"]:
-        assert honest <= set(r["accepted"]) and r["aggregated"]
+        assert sorted(r["accepted"]) == sites and r["aggregated"]
     final = load_model(run_dir / "global_model.pt")
     assert all(torch.isfinite(p).all() for p in final.state_dict().values())

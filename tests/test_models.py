@@ -96,8 +96,9 @@ def test_dp_sgd_clips_true_per_sample_gradients_and_learns(name, float64):
     xs = 0.5 * torch.rand(16, 3, 32, 32) + 0.5 * ys[:, None, None, None]  # class = brightness
     ds = torch.utils.data.TensorDataset(xs, ys)
     start = evaluate(model, ds, device="cpu").loss
+    # This checks learning, not privacy: the test-only seeded randomness keeps the few Poisson batches the same.
     train_private(model, ds, TrainConfig(epochs=4, batch_size=8, lr=0.05, noise_multiplier=1e-3,
-                                         max_grad_norm=1.0, seed=0, device="cpu"))
+                                         max_grad_norm=1.0, seed=0, insecure_dp_seed=0, device="cpu"))
     assert evaluate(model, ds, device="cpu").loss < start
 
 
