@@ -8,11 +8,11 @@ batch 64; DP-SGD uses Poisson sampling, flat clipping and σ = 1. Prints a Markd
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import torch
 
+from _common import parse_args, random_images
 from fedvision.models import create_model
 from fedvision.train import TrainConfig, train_nonprivate, train_private
 
@@ -32,17 +32,8 @@ def throughput(name: str, private: bool, data, batch: int, repeats: int) -> floa
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["fedvision_cnn", "resnet18", "vit_tiny_patch16_224"])
-    p.add_argument("--samples", type=int, default=512)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.rand(args.samples, 3, 32, 32, generator=g),
-                                          torch.randint(0, 2, (args.samples,), generator=g))
+    args = parse_args(__doc__, ["fedvision_cnn", "resnet18", "vit_tiny_patch16_224"], 512)
+    data = random_images(args.samples)
     print(f"{args.threads} threads, 32×32 inputs, batch {args.batch}, {args.samples} samples, best of {args.repeats}")
     print("| model | non-private samples/s | DP-SGD samples/s | slowdown |")
     print("|---|---|---|---|")

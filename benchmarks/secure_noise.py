@@ -11,12 +11,12 @@ part of a step whose time varies more than that from run to run on a shared mach
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 
 import torch
 
+from _common import parse_args, random_images
 from fedvision.models import create_model
 from fedvision.train import TrainConfig, train_private
 
@@ -47,17 +47,8 @@ def step_seconds(name: str, data, batch: int, repeats: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["fedvision_cnn", "resnet18"])
-    p.add_argument("--samples", type=int, default=384)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.rand(args.samples, 3, 32, 32, generator=g),
-                                          torch.randint(0, 2, (args.samples,), generator=g))
+    args = parse_args(__doc__, ["fedvision_cnn", "resnet18"], 384)
+    data = random_images(args.samples)
     print(f"{args.threads} threads, 32×32 inputs, batch {args.batch}")
     print("| model | parameters | plain noise per step | secure noise per step | DP-SGD step (secure) | secure mode adds |")
     print("|---|---|---|---|---|---|")

@@ -101,6 +101,16 @@ def _grouped(history: Sequence[HistoryEntry]) -> tuple[tuple[float, float, int],
     return tuple(sorted((sigma, q, steps) for (sigma, q), steps in merged.items()))
 
 
+def _prepared(history: Sequence[HistoryEntry], delta: float) -> tuple[tuple[float, float, int], ...] | float:
+    """Validated, grouped ``history`` for an accountant, or its ε outright when there is nothing to compose:
+    ∞ when a release had no noise, 0 when no release cost anything."""
+    validate_delta(delta)
+    groups = _grouped(history)
+    if groups is None:
+        return math.inf
+    return groups if groups else 0.0
+
+
 def _effective_noise(sigma: float, q: float, steps: int) -> float:
     return sigma / math.sqrt(steps) if q >= 1 else sigma  # n Gaussian releases are one with σ/√n
 
@@ -155,12 +165,9 @@ def epsilon_pld(history: Sequence[HistoryEntry], delta: float, interval: float |
 
     ``interval`` overrides the value discretization interval (default: ``pld_discretization(history)``). A
     history with a release below PLD_MIN_NOISE gets the RDP bound instead."""
-    validate_delta(delta)
-    groups = _grouped(history)
-    if groups is None:
-        return math.inf
-    if not groups:
-        return 0.0
+    groups = _prepared(history, delta)
+    if not isinstance(groups, tuple):
+        return groups
     if any(_effective_noise(*group) < PLD_MIN_NOISE for group in groups):
         return epsilon_rdp(groups, delta)
     return _pld_epsilon(groups, float(delta), float(interval or pld_discretization(groups)))
@@ -182,12 +189,9 @@ def epsilon_rdp(history: Sequence[HistoryEntry], delta: float) -> float:
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
-    validate_delta(delta)
-    groups = _grouped(history)
-    if groups is None:
-        return math.inf
-    if not groups:
-        return 0.0
+    groups = _prepared(history, delta)
+    if not isinstance(groups, tuple):
+        return groups
     rdp = sum(_rdp_per_step(sigma, q) * steps for sigma, q, steps in groups)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about optimal alpha at the edge of its grid
