@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from audit.findings import contradicts_claim
 from fedvision.data.canaries import CANARY_FILE, CANARY_SITE, load_canaries
 from fedvision.errors import ConfigError, DataError
 
@@ -160,7 +161,7 @@ def canary_audit(scores: Any, coins: Any, *, delta: float, claimed_epsilon: floa
                       "epsilon_lower_bound": epsilon_lower_bound(correct, made, m, delta, per_test)})
     best = max(tried, key=lambda t: (t["epsilon_lower_bound"], -t["guesses"]))
     bound = best["epsilon_lower_bound"]
-    red_flag = claimed_epsilon is not None and bound > claimed_epsilon
+    red_flag = contradicts_claim(bound, claimed_epsilon)
     if claimed_epsilon is None:
         reason = f"no ε claimed (trained without DP): the canaries show leakage of at least ε = {bound:.2f}"
     elif red_flag:

@@ -13,13 +13,15 @@ a membership-inference test of it). Whatever ran, ``report.json`` and ``report.h
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from audit import (ATTACK_NORMS, DEFAULT_ALPHA, DEFAULT_ATTACKS, DEFAULT_CERTIFY, DEFAULT_EPS, DEFAULT_N, DEFAULT_N0,
+from audit import (ATTACK_NORMS, DEFAULT_ALPHA, DEFAULT_ATTACKS, DEFAULT_CERTIFY, DEFAULT_EPS, DEFAULT_FIRST_LOOK,
+                   DEFAULT_FUTILITY, DEFAULT_GROWTH, DEFAULT_N, DEFAULT_N0,
                    DEFAULT_RADII, DEFAULT_SIGMA, DEFAULT_TOLERANCE, PAPER_ALPHA, PAPER_N, PAPER_N0)
 from fedvision.errors import ConfigError, DataError, FedVisionError
 
@@ -46,7 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "--run): the sites' (ε, δ) accounting and a membership-inference lower bound on ε.")
     p.add_argument("--model", required=True, type=Path, help="model file written by fedvision (MODEL.pt)")
     p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec, as for `fedvision data`")
-    p.add_argument("--split", default="test", help="dataset split to audit (default: test; 'all': every sample)")
+    p.add_argument("--split", default="auto", help="dataset split to audit: test, train, all (every sample) or "
+                                                   "auto (default: test where the data has a test split — the "
+                                                   "bundled sources, a manifest with a 'split' column — else all)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--run", type=Path, metavar="RUN_DIR",
                    help="the federated run that trained the model: adds the privacy audit, the sites' own fairness "
@@ -65,9 +69,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sigma", type=float, default=None,
                    help=f"noise level σ (default: the noise_std the model was trained with, else {DEFAULT_SIGMA})")
     g.add_argument("--certify", choices=("adaptive", "fixed"), default=None,
-                   help=f"adaptive: estimation samples drawn in stages, per image only as many as can change the "
-                        f"certified-accuracy curve, α split over the looks; fixed: Cohen et al.'s CERTIFY with "
-                        f"exactly n samples per image (default: {DEFAULT_CERTIFY})")
+                   help=f"adaptive: estimation samples drawn in stages at looks {DEFAULT_FIRST_LOOK}, "
+                        f"{DEFAULT_FIRST_LOOK * DEFAULT_GROWTH:g}, … (×{DEFAULT_GROWTH:g}) up to n, each look's "
+                        f"Clopper–Pearson bound at α / (number of looks), so every certificate holds with "
+                        f"probability ≥ 1 − α; an image stops once more samples could not change the "
+                        f"certified-accuracy curve or raise its radius by more than --tolerance; fixed: Cohen et "
+                        f"al.'s CERTIFY with exactly n samples per image at α (default: {DEFAULT_CERTIFY})")
     g.add_argument("--n0", type=int, default=None, help=f"selection samples (default: {DEFAULT_N0})")
     g.add_argument("--n", type=int, default=None,
                    help=f"estimation samples per image: the most (adaptive) or exactly n (fixed) (default: "
@@ -76,7 +83,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"failure probability of each certificate (default: {DEFAULT_ALPHA})")
     g.add_argument("--tolerance", type=float, default=None,
                    help=f"adaptive: stop sampling an image when more samples could not raise its radius by more than "
-                        f"this (L2; default: {DEFAULT_TOLERANCE:g})")
+                        f"this (L2; judged with p_A at its {1 - DEFAULT_FUTILITY:g} upper bound; it sets the samples "
+                        f"spent, not α; default: {DEFAULT_TOLERANCE:g})")
     g.add_argument("--paper-protocol", action="store_true",
                    help=f"Cohen et al.'s protocol: fixed-n CERTIFY, n0={PAPER_N0}, n={PAPER_N:,}, α={PAPER_ALPHA} "
                         "(slow on CPU)")
@@ -241,11 +249,30 @@ def _load_inputs(args: argparse.Namespace, meta: dict[str, Any], model, run_reco
                        weights_sha256=state_digest(model.state_dict()))
 
 
+def _has_test_split(spec: str) -> bool:
+    """Whether ``spec`` names data with a test split: a bundled source, or a manifest with a 'split' column."""
+    from fedvision.config import named_split
+
+    kind, _, path = spec.partition(":")
+    if named_split(spec, "test"):
+        return True
+    if kind == "manifest":
+        try:
+            with open(Path(path).expanduser(), newline="") as f:
+                header = next(csv.reader(f), [])
+        except OSError:
+            return False  # the loader names the missing file
+        return "split" in (c.strip() for c in header)
+    return False
+
+
 def _load_data(args: argparse.Namespace, meta: dict[str, Any]):
     try:
         from fedvision.data import load_dataset
     except ImportError as e:
         raise DataError(f"cannot load --data: fedvision.data is not available ({e})") from e
+    if args.split == "auto":
+        args.split = "test" if _has_test_split(args.data) else "all"
     try:
         loaded = load_dataset(args.data, image_size=meta.get("img_size") or 32, channels=meta.get("in_chans", 3),
                               split=None if args.split == "all" else args.split)

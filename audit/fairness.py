@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from audit.intervals import percentile_interval
 from fedvision.errors import ConfigError, DataError
 from fedvision.groups import INTERSECTION, group_labels, group_sort_key
 
@@ -213,13 +214,7 @@ def _bootstrap(cm: np.ndarray, rng: np.random.Generator, n_boot: int, confidence
     draws = rng.multinomial(n, cm.ravel() / n, size=n_boot).reshape(n_boot, k, k).astype(float)
     if noise_std > 0:
         draws = np.clip(draws + rng.normal(0.0, noise_std, draws.shape), 0.0, None)
-    tail = (1.0 - confidence) / 2.0
-    out: dict[str, list | None] = {}
-    for m, replicates in confusion_metrics(draws).items():
-        defined = replicates[np.isfinite(replicates)]
-        out[m] = ([float(np.quantile(defined, tail)), float(np.quantile(defined, 1.0 - tail))]
-                  if defined.size else None)
-    return out
+    return {m: percentile_interval(replicates, confidence) for m, replicates in confusion_metrics(draws).items()}
 
 
 def _rng(seed: int, *names: str) -> np.random.Generator:

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from audit.findings import contradicts_claim
+from audit.intervals import clopper_pearson_upper
 from fedvision.errors import ConfigError, DataError
 from fedvision.federation import RUN_RECORD, read_run_record
 from fedvision.federation_cli import SIMULATION_FILE
@@ -106,17 +108,6 @@ def _releases(entry: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------------------
-def clopper_pearson_upper(successes: Any, trials: Any, confidence: float) -> np.ndarray:
-    """One-sided Clopper–Pearson upper bound on a binomial proportion: P(p ≤ bound) ≥ ``confidence``."""
-    from scipy.stats import beta
-
-    k = np.asarray(successes, dtype=float)
-    n = np.asarray(trials, dtype=float)
-    with np.errstate(invalid="ignore"):
-        bound = beta.ppf(confidence, k + 1, n - k)
-    return np.where(k >= n, 1.0, bound)
-
-
 def epsilon_lower_bound(fpr_upper: Any, fnr_upper: Any, delta: float) -> np.ndarray:
     """max(0, log((1 − δ − FNR⁺)/FPR⁺), log((1 − δ − FPR⁺)/FNR⁺)): what (ε, δ)-DP would have to satisfy."""
     fpr_upper, fnr_upper = np.asarray(fpr_upper, dtype=float), np.asarray(fnr_upper, dtype=float)
@@ -183,7 +174,7 @@ def membership_inference_from_scores(member_scores: Any, non_member_scores: Any,
     fpr_upper = float(clopper_pearson_upper(false_positives, len(non_member_eval), confidence))
     bound = float(epsilon_lower_bound(fpr_upper, fnr_upper, delta))
 
-    red_flag = claimed_epsilon is not None and bound > claimed_epsilon
+    red_flag = contradicts_claim(bound, claimed_epsilon)
     if claimed_epsilon is None:
         reason = (f"no ε claimed (trained without DP): the attack shows leakage of at least ε = {bound:.2f} "
                   f"at δ = {delta:g}")

@@ -20,14 +20,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from scipy.stats import beta, binomtest, norm
+from scipy.stats import binomtest, norm
 
 from audit import (DEFAULT_ALPHA, DEFAULT_FIRST_LOOK, DEFAULT_FUTILITY, DEFAULT_GROWTH, DEFAULT_N, DEFAULT_N0,
                    DEFAULT_RADII, DEFAULT_TOLERANCE)
+from audit.intervals import clopper_pearson_lower, clopper_pearson_upper
 from fedvision.errors import ConfigError, DataError
 
-METHODS = {"adaptive": "randomized smoothing, CERTIFY with staged sampling and α split over a fixed schedule of "
-                       "looks (Bonferroni); Cohen, Rosenfeld & Kolter, ICML 2019",
+METHODS = {"adaptive": "randomized smoothing, CERTIFY with the estimation samples drawn in stages up to n, at looks "
+                       "fixed in advance; each look's Clopper–Pearson bound at α / (number of looks) (Bonferroni), so "
+                       "each certificate holds with probability ≥ 1 − α; an image stops once more samples could not "
+                       "change the certified-accuracy curve or raise its radius by more than the tolerance; Cohen, "
+                       "Rosenfeld & Kolter, ICML 2019",
            "fixed": "randomized smoothing, CERTIFY (Cohen, Rosenfeld & Kolter, ICML 2019)"}
 
 
@@ -42,10 +46,18 @@ class Adaptive:
     union bound covers every look the rule could take; stopping early only skips looks). The stopping rule
     decides how many samples are spent, never what they certify.
 
-    Sampling stops at a look when, even if p_A were as high as its upper confidence bound at level
-    ``futility``, the radius ``max_n`` samples would certify (the *reach*) is not above the next radius of
-    ``radii`` above the current one (the certified-accuracy curve cannot change), or exceeds the current radius
-    by at most ``tolerance`` (an abstention counts as radius 0 here); and always at ``max_n``.
+    Sampling stops at a look when, even if p_A were as high as its one-sided (1 − ``futility``) upper
+    Clopper–Pearson bound, the radius ``max_n`` samples would certify (the *reach*, at the last look's level) is
+    below the next radius of ``radii`` above the current one (the certified-accuracy curve cannot change), or
+    exceeds the current radius by at most ``tolerance`` (an abstention counts as radius 0 here); and always at
+    ``max_n``. ``futility`` and ``tolerance`` decide only how many samples are spent: α is controlled by the
+    split alone, whatever they are.
+
+    A two-stage alternative (Chen et al., AAAI 2022: choose n from the n0 selection samples, then draw n fresh
+    samples at the full α) needs no split, but was measured to lose 0.07 of certified accuracy at r = 0.5 against
+    fixed n = 10,000 on a digits model for the same samples: 100 pilot samples cannot tell p_A = 0.98 from 0.995,
+    which decides whether an image needs 500 or 10,000 samples. Looking at the estimation samples themselves
+    (this rule) can.
     """
 
     max_n: int = DEFAULT_N
@@ -88,8 +100,8 @@ class Adaptive:
         nA, pABar = np.asarray(nA), np.asarray(pABar, dtype=float)
         if n >= self.max_n:
             return np.ones(nA.shape, dtype=bool) if nA.ndim else True
-        p_up = np.where(nA < n, beta.ppf(1 - self.futility, nA + 1, np.maximum(n - nA, 1)), 1.0)
-        reach_p = _lower_bound(np.floor(p_up * self.max_n), self.max_n, self.alpha_per_look(alpha))
+        p_up = clopper_pearson_upper(nA, n, 1 - self.futility)
+        reach_p = clopper_pearson_lower(np.floor(p_up * self.max_n), self.max_n, self.alpha_per_look(alpha))
         reach = sigma * norm.ppf(np.maximum(reach_p, 0.5))
         current = np.where(pABar >= 0.5, sigma * norm.ppf(np.maximum(pABar, 0.5)), -np.inf)  # -inf: abstains
         radii = np.sort(np.asarray(self.radii))
@@ -206,9 +218,8 @@ class Smooth:
         return counts.view(k, self.num_classes).cpu().numpy()
 
     def _lower_confidence_bound(self, NA: int, N: int, alpha: float) -> float:
-        """One-sided (1 − α) Clopper–Pearson lower bound on p from NA successes in N trials: the lower end of
-        the two-sided level-2α interval (statsmodels' ``proportion_confint(NA, N, 2α, method="beta")[0]``)."""
-        return _lower_bound(NA, N, alpha)
+        """One-sided (1 − α) Clopper–Pearson lower bound on p from NA successes in N trials."""
+        return clopper_pearson_lower(NA, N, alpha)
 
 
 def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
@@ -318,20 +329,13 @@ def _certify_many(smoothed: Smooth, xs: torch.Tensor, n0: int, n: int, alpha: fl
         counts = smoothed._sample_noise_many(xs[torch.as_tensor(active)], look - used[active], batch_size)
         nA[active] += counts[np.arange(len(active)), cAHat[active]]
         used[active] = look
-        pABar[active] = np.maximum(pABar[active], _lower_bound(nA[active], look, level))
+        pABar[active] = np.maximum(pABar[active], clopper_pearson_lower(nA[active], look, level))
         if rule:
             active = active[~rule.stop(nA[active], look, pABar[active], smoothed.sigma, alpha)]
         if not len(active):
             break
     return [(Smooth.ABSTAIN, 0.0, int(used[i])) if pABar[i] < 0.5 else
             (int(cAHat[i]), smoothed.sigma * float(norm.ppf(pABar[i])), int(used[i])) for i in range(k)]
-
-
-def _lower_bound(NA, N, alpha: float):
-    """Clopper–Pearson one-sided (1 − α) lower bound, elementwise for arrays."""
-    NA = np.asarray(NA, dtype=float)
-    bound = np.where(NA > 0, beta.ppf(alpha, np.maximum(NA, 1), N - NA + 1), 0.0)
-    return float(bound) if bound.ndim == 0 else bound
 
 
 # --------------------------------------------------------------------------------------------------------

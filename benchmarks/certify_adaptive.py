@@ -1,23 +1,23 @@
 """Adaptive certification against Cohen et al.'s fixed-n CERTIFY, and certification throughput against plain
-batched inference of the same model, side by side in one process.
+batched inference of the same model, side by side in one process, on two models: a ``fedvision_cnn`` trained
+here for a few seconds with Gaussian noise augmentation at σ on scikit-learn's 8×8 digits, and the demo model
+(``--model MODEL.pt --data SPEC``, e.g. ``demo-output/run/global_model.pt`` and ``synthetic-derm:0``; the split
+is ``--split``, default test) or, without ``--model``, a stand-in for it trained here on the demo's 32×32 data.
+``--only digits`` or ``--only demo`` runs one of them.
 
-Model: ``--model MODEL.pt --data SPEC`` (e.g. the demo's ``demo-output/run/global_model.pt`` and
-``synthetic-derm:0``; the split is ``--split``, default test), or, without ``--model``, a ``fedvision_cnn``
-trained here for a few seconds with Gaussian noise augmentation at σ on ``--train`` (``digits``: scikit-learn's
-8×8 digits; ``synthetic-derm``: the demo's 32×32 data, a stand-in for the demo model when there is none).
+Printed for each model, each with its parameters:
 
-Printed, each with its parameters:
+1. throughput (unless ``--skip-throughput``): samples per second of ``Smooth``'s sampling and of plain inference
+   on ready-made batches of the same size, interleaved ``--repeats`` times; the ratio (goal ≥ 0.95);
+2. on ``--images`` images (default 100) evenly spaced through the split: the certified-accuracy curve and samples
+   per image (n0 included) of the adaptive default (n ≤ 10,000) and of fixed-n CERTIFY with ``--fixed-n``
+   (default 10,000), same seed and images, and the differences at r = 0.25 and 0.5 (goal: within 0.02, with a
+   mean of at most 2,000 samples per image);
+3. with ``--large-n N`` (default 100,000; 0 skips it), on ``--large-images`` images (default 30): adaptive with
+   n ≤ N against Cohen's fixed n = N, whose cost is exactly n0 + N samples per image (goal: ≥ 3× fewer);
+   ``--large-fixed`` also runs that fixed-n CERTIFY (slow on CPU) to compare curves.
 
-1. throughput: samples per second of ``Smooth``'s sampling (noise drawn on the model's device, images packed
-   into forward passes of ``--batch-size``) and of plain inference on ready-made batches of the same size,
-   interleaved ``--repeats`` times; the ratio (goal ≥ 0.95);
-2. on ``--images`` images evenly spaced through the split: the certified-accuracy curve and samples per image
-   (n0 included) of the adaptive default (n ≤ 1,000), adaptive with n ≤ ``--fixed-n`` and fixed-n CERTIFY with
-   ``--fixed-n`` (default 10,000), same seed and images;
-3. with ``--large-n N`` (e.g. 100000): adaptive with n ≤ N against Cohen's fixed n = N, whose cost is exactly
-   n0 + N samples per image; ``--large-fixed`` also runs that fixed-n CERTIFY (slow on CPU) to compare curves.
-
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/certify_adaptive.py --train digits --threads 1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/certify_adaptive.py --threads 1 --skip-throughput
     .venv/bin/python benchmarks/certify_adaptive.py --model demo-output/run/global_model.pt --data synthetic-derm:0
 """
 
@@ -104,34 +104,13 @@ def compare(model, dataset, sigma: float, images: int, runs: list[tuple[str, str
             "above_max_certifiable_radius"] else "") for p in result["curve"])
         s = result["samples"]
         print(f"  {label:<30} {curve}  | samples/image mean {s['mean']:>9,.0f} max {s['max']:>7,}  "
-              f"| {result['seconds']:.0f} s, {result['samples_per_second']:,.0f} samples/s")
+              f"| {result['seconds']:.0f} s, {result['samples_per_second']:,.0f} samples/s", flush=True)
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model")
-    parser.add_argument("--data")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--train", choices=("digits", "synthetic-derm"), default="digits")
-    parser.add_argument("--sigma", type=float, default=0.25)
-    parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--fixed-n", type=int, default=10_000)
-    parser.add_argument("--large-n", type=int, default=0)
-    parser.add_argument("--large-images", type=int, default=None, help="images for --large-n (default: --images)")
-    parser.add_argument("--large-fixed", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--skip-throughput", action="store_true")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from audit import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII
-    from fedvision.io import default_device
-
-    if args.model:
+def load(args, name: str):
+    """(title, model, dataset, σ) for ``digits`` (trained here) or ``demo`` (``--model``, else a stand-in)."""
+    if name == "demo" and args.model:
         from fedvision.data import load_dataset
         from fedvision.models import load_model
 
@@ -141,30 +120,69 @@ def main() -> None:
                                split=args.split).dataset
         sigma = meta.get("noise_std") or args.sigma
         print(f"model: {args.model} on {args.data} ({args.split}), σ = {sigma}")
-    else:
-        model, dataset = train_stand_in(args.train, args.sigma)
-        sigma = args.sigma
-    model.to(default_device())
-    if not args.skip_throughput:
-        throughput(model, dataset, sigma, args.batch_size, args.repeats)
+        return f"demo model {args.model}", model, dataset, sigma
+    model, dataset = train_stand_in("digits" if name == "digits" else "synthetic-derm", args.sigma)
+    return ("noise-trained digits model" if name == "digits" else "demo stand-in (synthetic-derm)"), model, dataset, \
+        args.sigma
 
-    print(f"certification of {args.images} images (n0 = {DEFAULT_N0}, α = {DEFAULT_ALPHA}, σ = {sigma}, seed 0; "
-          f"* = above the largest certifiable radius):")
-    compare(model, dataset, sigma, args.images, [
-        (f"adaptive default, n ≤ {DEFAULT_N:,}", "adaptive", DEFAULT_N),
-        (f"adaptive, n ≤ {args.fixed_n:,}", "adaptive", args.fixed_n),
-        (f"fixed n = {args.fixed_n:,} (Cohen)", "fixed", args.fixed_n)], args.batch_size, DEFAULT_RADII)
-    if args.large_n:
-        images = args.large_images or args.images
-        print(f"large n on {images} images:")
-        runs = [(f"adaptive, n ≤ {args.large_n:,}", "adaptive", args.large_n)] + \
-            ([(f"fixed n = {args.large_n:,} (Cohen)", "fixed", args.large_n)] if args.large_fixed else [])
-        result = compare(model, dataset, sigma, images, runs, args.batch_size, DEFAULT_RADII)
-        mean = result[runs[0][0]]["samples"]["mean"]
-        print(f"  Cohen's fixed n = {args.large_n:,} spends exactly {DEFAULT_N0 + args.large_n:,} samples per image: "
-              f"{(DEFAULT_N0 + args.large_n) / mean:.1f}× the adaptive mean of {mean:,.0f}")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"1-minute load average {load:.1f} on {os.cpu_count()} cores")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model")
+    parser.add_argument("--data", default="synthetic-derm:0")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--only", choices=("digits", "demo"), default=None)
+    parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--fixed-n", type=int, default=10_000)
+    parser.add_argument("--large-n", type=int, default=100_000)
+    parser.add_argument("--large-images", type=int, default=30)
+    parser.add_argument("--large-fixed", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from audit import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII, DEFAULT_TOLERANCE
+    from fedvision.io import default_device
+
+    summary = []
+    for name in [args.only] if args.only else ["digits", "demo"]:
+        title, model, dataset, sigma = load(args, name)
+        model.to(default_device())
+        if not args.skip_throughput:
+            throughput(model, dataset, sigma, args.batch_size, args.repeats)
+        print(f"{title}: certification of {args.images} images (n0 = {DEFAULT_N0}, α = {DEFAULT_ALPHA}, σ = {sigma}, "
+              f"tolerance {DEFAULT_TOLERANCE:g}, seed 0; * = above the largest certifiable radius):", flush=True)
+        adaptive, fixed = f"adaptive default, n ≤ {DEFAULT_N:,}", f"fixed n = {args.fixed_n:,} (Cohen)"
+        result = compare(model, dataset, sigma, args.images, [(adaptive, "adaptive", DEFAULT_N),
+                                                              (fixed, "fixed", args.fixed_n)],
+                         args.batch_size, DEFAULT_RADII)
+        at = {key: {p["radius"]: p["certified_accuracy"] for p in result[key]["curve"]} for key in (adaptive, fixed)}
+        line = (f"{title}: adaptive − fixed at r = 0.25: {at[adaptive][0.25] - at[fixed][0.25]:+.2f}, at r = 0.5: "
+                f"{at[adaptive][0.5] - at[fixed][0.5]:+.2f} (goal within 0.02); adaptive samples/image mean "
+                f"{result[adaptive]['samples']['mean']:,.0f} (goal ≤ 2,000), "
+                f"max {result[adaptive]['samples']['max']:,}")
+        print("  " + line)
+        summary.append(line)
+        if args.large_n:
+            images = args.large_images or args.images
+            print(f"{title}: large n on {images} images:")
+            runs = [(f"adaptive, n ≤ {args.large_n:,}", "adaptive", args.large_n)] + \
+                ([(f"fixed n = {args.large_n:,} (Cohen)", "fixed", args.large_n)] if args.large_fixed else [])
+            result = compare(model, dataset, sigma, images, runs, args.batch_size, DEFAULT_RADII)
+            mean = result[runs[0][0]]["samples"]["mean"]
+            line = (f"{title}: Cohen's fixed n = {args.large_n:,} spends exactly {DEFAULT_N0 + args.large_n:,} samples "
+                    f"per image, {(DEFAULT_N0 + args.large_n) / mean:.1f}× the adaptive mean of {mean:,.0f} "
+                    f"(n ≤ {args.large_n:,}, {images} images; goal ≥ 3×)")
+            print("  " + line)
+            summary.append(line)
+    print("summary:\n  " + "\n  ".join(summary))
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"1-minute load average {load_avg:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
-"""ClientApp: a site. Thin Flower glue around ``fedvision.site.Site``."""
+"""ClientApp: a site. Thin Flower glue around ``fedvision.site.Site``; replies follow ``fedvision.messages``."""
 
 from __future__ import annotations
 
-import json
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedvision.logs import setup_logging
 from fedvision.config import NodeConfig, RunConfig
 from fedvision.errors import FedVisionError
-from fedvision.site import Site
+from fedvision.logs import setup_logging
+from fedvision.messages import EvaluateReply, Refusal, TrainReply
+from fedvision.site import Site, public_reason
 
 log = logging.getLogger("fedvision.site")
 setup_logging()
@@ -29,6 +29,17 @@ def _name(context: Context) -> str:
     return str(node.get("site-name") or node.get("state-dir") or f"node-{context.node_id}")
 
 
+def _refuse(msg: Message, context: Context, error: FedVisionError, what: str, site: Site | None = None) -> Message:
+    """A refusal (policy, spent budget, unusable local data) is an answer, not a crash. Its reason leaves the
+    site, so the site's own paths in it are made relative first."""
+    log.warning("%s %s: %s", _name(context), what, error)
+    try:
+        reason = public_reason(str(error), NodeConfig.from_mapping(context.node_config))
+    except FedVisionError:
+        reason = public_reason(str(error), NodeConfig())
+    return Message(Refusal(_name(context), reason, _spent(site)).to_record(), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = None
@@ -38,14 +49,8 @@ def train(msg: Message, context: Context) -> Message:
         state, metrics = site.train(msg.content["arrays"].to_torch_state_dict(), int(config["server-round"]),
                                     float(config.get("proximal-mu", 0.0)))
     except FedVisionError as e:
-        # A refusal (budget spent, unusable local data) is an answer, not a crash: the server logs the reason.
-        log.warning("%s refuses round: %s", _name(context), e)
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, **_spent(site)}),
-                                   "refusal": ConfigRecord({"reason": str(e), "site": _name(context)})}),
-                       reply_to=msg)
-    return Message(RecordDict({"arrays": ArrayRecord(state),
-                               "metrics": MetricRecord({k: v for k, v in metrics.items() if v is not None}),
-                               "site": ConfigRecord({"name": site.name})}), reply_to=msg)
+        return _refuse(msg, context, e, "refuses round", site)
+    return Message(TrainReply(site.name, state, metrics).to_record(), reply_to=msg)
 
 
 def _spent(site: Site | None) -> dict:
@@ -63,15 +68,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         site = _site(context)
         config = msg.content["config"] if "config" in msg.content else {}
-        result = site.evaluate(msg.content["arrays"].to_torch_state_dict(), int(config.get("server-round", 0)),
-                               groups=bool(config.get("groups", 1)))
+        release = site.evaluate(msg.content["arrays"].to_torch_state_dict(), int(config.get("server-round", 0)),
+                                groups=bool(config.get("groups", 1)))
     except FedVisionError as e:
-        log.warning("%s cannot evaluate: %s", _name(context), e)
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0}),
-                                   "refusal": ConfigRecord({"reason": str(e), "site": _name(context)})}),
-                       reply_to=msg)
-    groups = result.pop("groups")
-    classes = result.pop("classes", [])
-    return Message(RecordDict({"metrics": MetricRecord(result),
-                               "site": ConfigRecord({"name": site.name, "groups": json.dumps(groups),
-                                                     "classes": json.dumps(classes)})}), reply_to=msg)
+        return _refuse(msg, context, e, "cannot evaluate")
+    return Message(EvaluateReply.from_release(site.name, release).to_record(), reply_to=msg)

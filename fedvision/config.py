@@ -61,6 +61,8 @@ class RunConfig:
                                   100.0, _non_negative, "≥ 0")
     max_norm_ratio: float = _opt("reject updates whose norm exceeds this multiple of the round's median "
                                  "(needs ≥ 3 updates; 0 = off)", 10.0, _non_negative, "≥ 0")
+    max_weight_ratio: float = _opt("weighted rules (FedAvg, FedProx, FedAdam): no site's weight exceeds this "
+                                   "multiple of the round's median num-examples (0 = off)", 4.0, _non_negative, "≥ 0")
     # -- model and data ------------------------------------------------------------------------------------
     model: str = _opt("timm model name or fedvision_cnn / fedvision_swin", "fedvision_cnn")
     image_size: int = _opt("images are resized to image-size × image-size", 32, lambda v: v >= 4, "≥ 4")
@@ -100,7 +102,8 @@ class RunConfig:
                      "DP noise and sampling never use it (fresh OS entropy at every training)", 0, _non_negative, "≥ 0")
     # -- simulation only -----------------------------------------------------------------------------------
     site_epsilon_budgets: str = _opt("simulation: comma-separated ε budget per partition ('' = the default)", "")
-    simulated_attacks: str = _opt("simulation only (tests and demos): poisoned sites, e.g. 'site-2:nan,site-3:scale=100,site-4:signflip'"
+    simulated_attacks: str = _opt("simulation only (tests and demos): poisoned sites, e.g. 'site-2:nan,site-3:scale=100,site-4:signflip'; "
+                                  "reply attacks: claim=N (examples), extra (metric key), badeval (table shape)"
                                   "; 'site-4:nan/scale=100/signflip' rotates through the attacks round by round",
                                   "")
     insecure_shared_dp_seed: int = _opt("simulation only, a test hook for the privacy audit: every simulated site "
@@ -152,9 +155,10 @@ class RunConfig:
             attacks = rotation.split("/")
             for attack in attacks:
                 kind, _, arg = attack.partition("=")
-                if kind not in ("nan", "scale", "signflip", "noise") or (arg and not _is_number(arg)):
-                    raise ConfigError(f"simulated-attacks: unknown attack {attack!r} for {site!r} "
-                                      "(expected nan, scale=K, signflip or noise=STD)")
+                if kind not in ("nan", "scale", "signflip", "noise", "claim", "extra", "badeval") \
+                        or (arg and not _is_number(arg)) or (kind == "claim" and not arg):
+                    raise ConfigError(f"simulated-attacks: unknown attack {attack!r} for {site!r} (expected nan, "
+                                      "scale=K, signflip, noise=STD, claim=N, extra or badeval)")
             out[site] = attacks
         return out
 

@@ -32,3 +32,7 @@ class UpdateRejected(FedVisionError, ValueError):
 
 class PolicyRefusal(FedVisionError, RuntimeError):
     """A run asks a site for less privacy than the site's own policy allows."""
+
+
+class MalformedReply(UpdateRejected):
+    """A site's reply does not follow its message schema (``fedvision.messages``)."""

@@ -10,7 +10,6 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,9 @@ import torch
 import fedvision
 from fedvision.config import RunConfig
 from fedvision.dp import ACCOUNTANT
-from fedvision.errors import ConfigError, DataError, UpdateRejected
-from fedvision.io import atomic_write, atomic_write_json
+from fedvision.errors import ConfigError, DataError, MalformedReply, UpdateRejected
+from fedvision.io import atomic_write, atomic_write_json, hold_lock
+from fedvision.messages import EvaluateReply, TrainReply
 from fedvision.models import create_model, save_model, state_digest
 
 log = logging.getLogger("fedvision.coordinator")
@@ -30,6 +30,9 @@ CHECKPOINT = "checkpoint.pt"
 RUN_RECORD = "run.json"
 GLOBAL_MODEL = "global_model.pt"
 RUN_FORMAT = "fedvision-run/1"
+# Run-config keys a resumed run may change: how long to wait and how many rounds. Anything else (privacy, data,
+# model, training) would make the resumed rounds a different experiment than the recorded ones.
+RESUMABLE_CHANGES = ("resume", "num-server-rounds", "round-timeout", "min-train-nodes", "min-available-nodes")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -62,27 +65,6 @@ def validate_update(reference: dict[str, np.ndarray], update: dict[str, np.ndarr
     return norm
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Replies as plain data (server/app.py converts Flower Messages into these)
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class TrainReply:
-    site: str
-    arrays: dict[str, np.ndarray] | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    refusal: str | None = None  # the site declined (budget spent, bad local data), with its reason
-    error: str | None = None  # the ClientApp failed or timed out
-
-
-@dataclass
-class EvaluateReply:
-    site: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    groups: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
-    classes: list[str] = field(default_factory=list)
-    error: str | None = None
-
-
 def versions(*packages: str) -> dict[str, str]:
     """Versions of fedvision, Python and the packages a run depends on, plus ``packages`` (the audit adds its own)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -106,11 +88,14 @@ class Coordinator:
         self.run = run
         self.dir = Path(run.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        # One coordinator per run folder: a second one (a resume started while the first still runs) would
+        # interleave checkpoints. The lock goes with the process, so a killed coordinator leaves none behind.
+        self._lock = hold_lock(self.dir / "run.lock", f"run-dir {self.dir} is in use by another coordinator")
         self.round = 0
         self._geometry: dict[str, Any] = {}  # the last screened round's update norms and pairwise distances
         self.record: dict[str, Any] = {
             "format": RUN_FORMAT, "config": run.to_mapping(), "versions": versions(),
-            "started": _now(), "rounds": [], "sites": {}, "rejected": [], "refused": [], "failed": [], "suspects": [],
+            "started": _now(), "rounds": [], "sites": {}, "nodes": {}, "rejected": [], "refused": [], "failed": [], "suspects": [],
             "resumes": [], "status": "running",
         }
 
@@ -127,6 +112,12 @@ class Coordinator:
                                        img_size=self.run.image_size, dp=self.run.dp)
         self._model.load_state_dict(global_state)
         return self._model
+
+    @property
+    def classes(self) -> list[str]:
+        """The run's class names in label order (every site's evaluation counts must use them)."""
+        self._num_classes()
+        return self._classes
 
     def _num_classes(self) -> int:
         if not hasattr(self, "_classes"):
@@ -148,8 +139,16 @@ class Coordinator:
             ckpt = torch.load(path, weights_only=True)
             self.round = int(ckpt["round"])
             self.record = json.loads(ckpt["record"])
+            changed = config_changes(self.record["config"], self.run.to_mapping())
+            if refused := {k: v for k, v in changed.items() if k not in RESUMABLE_CHANGES}:
+                raise ConfigError("resume: the run config differs from the recorded run's in " + "; ".join(
+                    f"{k}: {old!r} → {new!r}" for k, (old, new) in refused.items()) +
+                    f" (a resumed run may change only {', '.join(RESUMABLE_CHANGES[1:])}; start a new run-dir "
+                    "for a different experiment)")
             self.record["config"] = self.run.to_mapping()
-            self.record["resumes"].append({"at": _now(), "from_round": self.round})
+            self.record.setdefault("nodes", {})
+            self.record["resumes"].append({"at": _now(), "from_round": self.round,
+                                           "changed": {k: v for k, v in changed.items() if k != "resume"}})
             self.record["status"] = "running"
             self._classes = self.record["classes"]
             log.info("resuming %s after round %d of %d", self.dir, self.round, self.run.num_server_rounds)
@@ -163,6 +162,67 @@ class Coordinator:
         self.record["initial_sha256"] = state_digest(model.state_dict())
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, {}
 
+    # -- sites --------------------------------------------------------------------------------------------
+    def know_nodes(self, registered: dict[int, str]) -> None:
+        """Names the coordinator's operators gave nodes at registration (``flwr supernode register --name``),
+        which Flower binds to each node's authenticated key: they name those sites, whatever a site reports."""
+        nodes, fixed = self.record["nodes"], set(self.record.setdefault("registered_nodes", []))
+        for node_id, name in registered.items():
+            key = str(node_id)
+            if name and key not in fixed:
+                for other in [k for k, v in nodes.items() if v == name and k not in fixed]:
+                    del nodes[other]  # an earlier unauthenticated claim on the name gives way
+                nodes[key] = name
+                fixed.add(key)
+        self.record["registered_nodes"] = sorted(fixed)
+
+    def site_of(self, node_id: int, claimed: str | None = None, answered: set[int] = frozenset()) -> str:
+        """The name of the site behind Flower node ``node_id``.
+
+        A node registered with a name (``know_nodes``) is that name. Otherwise a node keeps the first name it
+        reported for the whole run, and a node that never replied is ``node-ID``. A name another node holds is
+        refused when that node is registered or answered this round (``answered``): one site cannot speak
+        twice or for another. An unregistered site that comes back as a new node (restarted) takes its name
+        over, which the log says."""
+        nodes: dict[str, str] = self.record["nodes"]
+        fixed = set(self.record.get("registered_nodes", []))
+        key = str(node_id)
+        if key in nodes:
+            if claimed and claimed != nodes[key]:
+                log.warning("node %s reports name %r but is %r in this run; keeping %r", key, claimed, nodes[key],
+                            nodes[key])
+            return nodes[key]
+        if not claimed:
+            return f"node-{node_id}"
+        holders = [other for other, name in nodes.items() if name == claimed]
+        if any(int(other) in answered or other in fixed for other in holders):
+            raise MalformedReply(f"reports the name {claimed!r}, which node {holders[0]} holds in this run")
+        for other in holders:
+            log.warning("%s now answers from node %s (was node %s)", claimed, key, other)
+            del nodes[other]
+        nodes[key] = claimed
+        return claimed
+
+    def aggregation_weights(self, server_round: int, replies: list[TrainReply], accepted: list[int]) -> dict[int, int]:
+        """Each accepted update's weight in a weighted average: its site's num-examples, capped.
+
+        A site's example count cannot be checked, and FedAvg weights by it: one site claiming 10⁹ examples would
+        be the average. So no site weighs more than ``max-weight-ratio`` × the lower median of the round's
+        counts; a capped site is recorded as a suspect."""
+        claimed = {i: int(replies[i].metrics["num-examples"]) for i in accepted}
+        if not claimed or not self.run.max_weight_ratio:
+            return claimed
+        counts = sorted(claimed.values())
+        cap = max(1, int(self.run.max_weight_ratio * counts[(len(counts) - 1) // 2]))
+        for i, n in claimed.items():
+            if n > cap:
+                reason = (f"claims {n} examples, more than max-weight-ratio {self.run.max_weight_ratio:g} × the "
+                          f"round's median count; weighted as {cap}")
+                log.warning("round %d: %s suspect: %s", server_round, replies[i].site, reason)
+                self.record["suspects"].append({"round": server_round, "site": replies[i].site, "reason": reason})
+                replies[i].metrics["aggregation-weight"] = cap
+        return {i: min(n, cap) for i, n in claimed.items()}
+
     # -- a round ------------------------------------------------------------------------------------------
     def screen(self, server_round: int, replies: list[TrainReply], global_state: dict[str, torch.Tensor]) -> list[int]:
         """Indices of the replies to aggregate; everything else is logged once and recorded with its reason."""
@@ -171,6 +231,8 @@ class Coordinator:
         for i, reply in enumerate(replies):
             if reply.error is not None:
                 self._note("failed", server_round, reply.site, reply.error)
+            elif reply.rejected is not None:
+                self._note("rejected", server_round, reply.site, reply.rejected)
             elif reply.refusal is not None:
                 self._note("refused", server_round, reply.site, reply.refusal)
             else:
@@ -243,8 +305,11 @@ class Coordinator:
                 self.record["sites"].setdefault(r.site, {})["num_examples"] = int(r.metrics["num-examples"])
         train_seconds = [r.metrics.get("train-seconds", 0.0) for r in replies if r.arrays is not None]
         site_time = max(train_seconds, default=0.0)  # sites train in parallel
+        for e in evaluations:
+            if e.rejected is not None:
+                self._note("rejected", server_round, e.site, f"evaluate reply: {e.rejected}")
         for e in evaluations:  # the evaluation records' ε, a separate record set (parallel composition)
-            if e.error is None and "exact-evaluation" in e.metrics:
+            if e.error is None and e.rejected is None and "exact-evaluation" in e.metrics:
                 self.record["sites"].setdefault(e.site, {}).update({
                     "epsilon_evaluation": e.metrics.get("epsilon-evaluation"),
                     "evaluation_examples": int(e.metrics.get("num-examples", 0)),
@@ -277,6 +342,16 @@ class Coordinator:
             "class_names": self._classes, "noise_std": self.run.noise_std, "round": self.round,
             "trained_with": {"strategy": self.run.strategy, "dp": self.run.dp, "dataset": self.run.dataset}})
 
+    def finish(self) -> None:
+        """The run's last record: completed, or failed when no round aggregated an update (the global model then
+        holds the initial weights, which nobody should mistake for a trained model)."""
+        if any(r["aggregated"] for r in self.record["rounds"]):
+            self.write_record(status="completed")
+        else:
+            self.record["reason"] = "no round aggregated an update: global_model.pt holds the initial weights"
+            log.error("run failed: %s", self.record["reason"])
+            self.write_record(status="failed")
+
     def write_record(self, status: str | None = None) -> None:
         if status:
             self.record["status"] = status
@@ -300,7 +375,7 @@ class Coordinator:
 
 def federated_evaluation(evaluations: list[EvaluateReply]) -> dict[str, Any]:
     """Example-weighted accuracy over sites and per-group confusion counts summed over sites."""
-    ok = [e for e in evaluations if e.error is None and e.metrics.get("num-examples")]
+    ok = [e for e in evaluations if e.error is None and e.rejected is None and e.metrics.get("num-examples")]
     n = sum(e.metrics["num-examples"] for e in ok)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for e in ok:
@@ -338,6 +413,12 @@ def update_geometry(reference: dict[str, np.ndarray], updates: dict[str, dict[st
             pairs[f"{a}|{b}"] = {"distance": float(np.linalg.norm(vectors[a] - vectors[b])),
                                  "cosine": float(vectors[a] @ vectors[b] / denominator)}
     return {"norms": norms, "pairs": pairs}
+
+
+def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (recorded value, current value)} for every run-config key whose value differs."""
+    return {k: (recorded.get(k), current.get(k)) for k in sorted(set(recorded) | set(current))
+            if recorded.get(k) != current.get(k)}
 
 
 def read_run_record(path: str | Path) -> dict[str, Any]:

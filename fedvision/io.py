@@ -56,6 +56,20 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def hold_lock(path: str | os.PathLike, busy: str):
+    """Take an exclusive lock on ``path`` for as long as the returned handle lives (at the latest, until the
+    process exits); if another process holds it, raise ConfigError(``busy``) at once instead of waiting."""
+    from fedvision.errors import ConfigError
+
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(busy) from None
+    return handle
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,20 +199,28 @@ class Site:
         result = trainer(model, self.train_data.dataset, cfg, ledger, global_params=global_state,
                          charge={"run": self.run.run_dir, "round": server_round, "global_sha256": digest})
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if self.attack:
-            attack = self.attack[(server_round - 1) % len(self.attack)]
-            state = poison(state, global_state, attack, seed=self.run.seed + server_round)
+        attack = self._attack(server_round)
         # The training loss is not sent: it is computed on the training records without noise (docs/privacy.md).
         metrics = {"num-examples": len(self.train_data), "train-seconds": result.seconds, "steps": result.steps,
                    "dp": int(self.run.dp)}
+        if attack.partition("=")[0] in WEIGHT_ATTACKS:
+            state = poison(state, global_state, attack, seed=self.run.seed + server_round)
         if self.run.dp:
             metrics.update({"epsilon": result.epsilon, "epsilon-rdp": epsilon_rdp(ledger.history, self.delta),
                             "delta": self.delta,
                             "epsilon-budget": self.policy.epsilon_budget,
                             "noise-multiplier": result.noise_multiplier, "sample-rate": result.sample_rate,
                             "steps-total": ledger.steps, "secret-randomness": int(result.randomness == SECRET_SOURCE)})
+        if attack == "extra":  # a reply outside its schema: the coordinator must reject it, not crash
+            metrics["extra-key"] = 1.0
+        elif attack.startswith("claim="):  # a lie about the data's size, which weighted averaging trusts
+            metrics["num-examples"] = int(float(attack.partition("=")[2]))
         self._cache_reply(server_round, digest, state, metrics)
         return state, metrics
+
+    def _attack(self, server_round: int) -> str:
+        """Simulation only: this round's attack from ``simulated-attacks`` ('' for an honest round)."""
+        return self.attack[(server_round - 1) % len(self.attack)] if self.attack else ""
 
     def privacy_metrics(self) -> dict[str, Any]:
         summary = self.ledger.summary(self.delta)
@@ -252,19 +261,26 @@ class Site:
         evaluations, within the evaluation records' own budget — and charged to the ledger before release.
         Accuracy is computed from the noisy counts. A coordinator asking again for a round it already got (a
         resumed run) gets the same release, charged once."""
-        if self.test_data is None or len(self.test_data) == 0:
-            return {"num-examples": 0, "accuracy": 0.0, "groups": {}}
+        release = self._evaluation(global_state, server_round, groups)
+        if self._attack(server_round) == "badeval":  # tables of the wrong shape: rejected, never aggregated
+            release = {**release, "groups": {"site": {self.name: [[1.0]]}}}
+        return release
+
+    def _evaluation(self, global_state: StateDict, server_round: int, groups: bool) -> dict[str, Any]:
+        if self.test_data is None or len(self.test_data) == 0:  # nothing to release: no charge, no noise
+            return {"num-examples": 0, "accuracy": 0.0, "count-noise-std": 0.0,
+                    "exact-evaluation": int(self.policy.exact_evaluation), "classes": [], "groups": {}}
         with file_lock(self.state_dir / "evaluate.lock"):
             digest = state_digest(global_state)
             key = {"run": self.run.run_dir, "round": server_round, "global": digest, "groups": bool(groups)}
             cache = self.state_dir / "evaluation-cache.json"
-            if cache.exists():
-                cached = json.loads(cache.read_text())
-                if cached.get("key") == key:
-                    return cached["release"]
-            release = self._release_evaluation(global_state, server_round, groups, digest)
-            atomic_write_json(cache, {"key": key, "release": release})
-            return release
+            cached = json.loads(cache.read_text()) if cache.exists() else {}
+            if cached.get("key") == key:
+                release = cached["release"]
+            else:
+                release = self._release_evaluation(global_state, server_round, groups, digest)
+                atomic_write_json(cache, {"key": key, "release": release})
+        return release
 
     def _release_evaluation(self, global_state: StateDict, server_round: int, groups: bool, digest: str) -> dict:
         result = evaluate(self.model(global_state), self.test_data.dataset)
@@ -309,6 +325,25 @@ class Site:
         return release
 
 
+def public_reason(message: str, node: NodeConfig) -> str:
+    """``message`` fit to leave the site: its own paths relative to its data root (or state folder), any other
+    absolute path cut to the file's name. Hospital paths often hold patient identifiers; the coordinator needs
+    the file and the row, not where the site keeps them."""
+    roots = []
+    for spec in (node.data, node.test_data):
+        kind, _, argument = spec.partition(":")
+        if kind in ("folder", "manifest", "npz") and argument:
+            path = Path(argument).expanduser()
+            roots.append(path if kind == "folder" else path.parent)
+    if node.state_dir:
+        roots.append(Path(node.state_dir).expanduser())
+    spellings = {str(r) for r in roots} | {str(r.resolve()) for r in roots}
+    for root in sorted((r.rstrip("/") for r in spellings if r.startswith("/")), key=len, reverse=True):
+        if root:
+            message = message.replace(root + "/", "").replace(root, ".")
+    return re.sub(r"(?<![\w.~-])/(?:[^\s/:'\"]+/)+([^\s/:'\"]*)", r"\1", message)
+
+
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> list[list[int]]:
     """Confusion matrix as nested lists: row = true class, column = predicted class."""
     cm = np.zeros((num_classes, num_classes), dtype=int)
@@ -328,6 +363,11 @@ def _model(name: str, num_classes: int, channels: int, image_size: int, dp: bool
     return copy.deepcopy(_template(name, num_classes, channels, image_size, dp))
 
 
+
+
+WEIGHT_ATTACKS = ("nan", "scale", "signflip", "noise")  # simulated attacks on the weights (``poison``)
+# ... and on the reply itself: a wrong example count, a key outside the schema, a malformed evaluation payload.
+REPLY_ATTACKS = ("claim", "extra", "badeval")
 
 
 def poison(state: StateDict, global_state: StateDict, attack: str, seed: int = 0) -> StateDict:

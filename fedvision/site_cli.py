@@ -1,4 +1,8 @@
-"""``fedvision site status --state-dir DIR``: a site's spent and remaining ε, read from its own ledger."""
+"""``fedvision site``: a site's own state and what code it runs.
+
+``status``: spent and remaining ε, read from the site's own ledger. ``approve``: add an app (a checkout folder or
+a ``.fab``) to the site's list of approved apps. ``launcher``: write the ``flwr-clientapp`` that refuses every app
+not on that list (fedvision/site_launcher.py; docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,29 @@ def add_parser(subparsers) -> None:
     status.add_argument("--delta", type=float, default=None, help="δ to report ε at (default: the last charge's)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
+    approve = commands.add_parser("approve", help="approve an app: the sha256 of its Flower App Bundle")
+    approve.add_argument("app", help="the reviewed checkout (as `flwr run APP` would package it) or a .fab file")
+    approve.add_argument("--approved", required=True, help="the site's list of approved apps (created if missing)")
+    approve.set_defaults(handler=_approve)
+    launcher = commands.add_parser("launcher", help="write the flwr-clientapp that runs only approved apps")
+    launcher.add_argument("--bin", required=True, help="folder for flwr-clientapp; put it first on the "
+                                                       "SuperNode's PATH")
+    launcher.add_argument("--approved", required=True, help="the site's list of approved apps")
+    launcher.set_defaults(handler=_launcher)
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from fedvision.approval import approve
+
+    print(f"approved sha256 {approve(args.approved, args.app)} in {args.approved}")
+    return 0
+
+
+def _launcher(args: argparse.Namespace) -> int:
+    from fedvision.approval import write_launcher
+
+    print(f"wrote {write_launcher(args.bin, args.approved)}: start flower-supernode with {args.bin} first on PATH")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

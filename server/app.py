@@ -3,16 +3,17 @@ decision (validation, records, checkpoints, resume) is made by ``fedvision.feder
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedvision.logs import setup_logging
 from fedvision.config import RunConfig
-from fedvision.federation import Coordinator, EvaluateReply, TrainReply
+from fedvision.errors import MalformedReply
+from fedvision.federation import Coordinator
+from fedvision.messages import EvaluateReply, TrainReply
 from fedvision.models import state_digest
 from server.strategy import build_strategy, restore_strategy_state, strategy_state
 
@@ -28,7 +29,6 @@ def main(grid: Grid, context: Context) -> None:
     state, saved_strategy = coordinator.start()
     strategy = build_strategy(run)
     restore_strategy_state(strategy, saved_strategy)
-    names: dict[int, str] = {}  # node id → site name, to name sites whose reply is an error
     silence = f"no reply within round-timeout {run.round_timeout:g}s"
 
     if coordinator.round == 0 and (central := coordinator.central_evaluate(state)) is not None:
@@ -39,14 +39,21 @@ def main(grid: Grid, context: Context) -> None:
         started = time.perf_counter()
         log.info("round %d/%d", server_round, run.num_server_rounds)
         parent, parent_sha256 = state, state_digest(state)
+        coordinator.know_nodes({n.node_id: n.name for n in grid.get_nodes()})
         messages = list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid))
         replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
         # Sites that did not answer (killed, cut off, too slow) are named as failed, not silently dropped.
-        train_replies = [_train_reply(m, names) for m in replies] + [
-            TrainReply(site=_site_name(node, names), error=silence) for node in _silent(messages, replies)]
+        answered = {m.metadata.src_node_id for m in replies}
+        train_replies = [_train_reply(m, coordinator, answered) for m in replies] + [
+            TrainReply(site=coordinator.site_of(node), error=silence) for node in _silent(messages, replies)]
         accepted = coordinator.screen(server_round, train_replies, state)
         aggregated = False
         if len(accepted) >= run.min_train_nodes:
+            # The strategy sees the checked weights and the capped weight only, never what else a site sent.
+            weights = coordinator.aggregation_weights(server_round, train_replies, accepted)
+            for i in accepted:
+                replies[i].content = RecordDict({"arrays": replies[i].content["arrays"],
+                                                 "metrics": MetricRecord({"num-examples": weights[i]})})
             new_arrays, _ = strategy.aggregate_train(server_round, [replies[i] for i in accepted])
             if new_arrays is not None:
                 state, aggregated = new_arrays.to_torch_state_dict(), True
@@ -60,9 +67,9 @@ def main(grid: Grid, context: Context) -> None:
         last_round = ConfigRecord({"groups": int(server_round == run.num_server_rounds)})
         eval_messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), last_round, grid))
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=run.round_timeout))
-        evaluations = [_evaluate_reply(m, names) for m in eval_replies] + [
-            EvaluateReply(site=_site_name(node, names), error=silence)
-            for node in _silent(eval_messages, eval_replies)]
+        answered = {m.metadata.src_node_id for m in eval_replies}
+        evaluations = [_evaluate_reply(m, coordinator, answered) for m in eval_replies] + [
+            EvaluateReply(site=coordinator.site_of(node), error=silence) for node in _silent(eval_messages, eval_replies)]
         central = coordinator.central_evaluate(state)
         coordinator.finish_round(server_round, train_replies, accepted, aggregated, evaluations, central,
                                  time.perf_counter() - started, parent_sha256=parent_sha256)
@@ -71,8 +78,8 @@ def main(grid: Grid, context: Context) -> None:
         log.info("round %d done in %.1fs: %d/%d updates aggregated, federated accuracy %s%s", server_round,
                  last["timing"]["round_seconds"], len(accepted), len(train_replies),
                  _fmt(last["evaluate"]["accuracy"]), f", central accuracy {_fmt(central['accuracy'])}" if central else "")
-    coordinator.write_record(status="completed")
-    log.info("run complete: %s", coordinator.dir)
+    coordinator.finish()
+    log.info("run %s: %s", coordinator.record["status"], coordinator.dir)
 
 
 def _silent(sent: list[Message], replies: list[Message]) -> list[int]:
@@ -81,34 +88,28 @@ def _silent(sent: list[Message], replies: list[Message]) -> list[int]:
     return [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
 
 
-def _site_name(node: int, names: dict[int, str]) -> str:
-    return names.get(node, f"node-{node}")
-
-
-def _train_reply(msg: Message, names: dict[int, str]) -> TrainReply:
+def _train_reply(msg: Message, coordinator: Coordinator, answered: set[int]) -> TrainReply:
     node = msg.metadata.src_node_id
     if msg.has_error():
-        return TrainReply(site=_site_name(node, names), error=msg.error.reason)
-    content = msg.content
-    if "refusal" in content:
-        refusal = content["refusal"]
-        names[node] = str(refusal["site"])
-        return TrainReply(site=names[node], refusal=str(refusal["reason"]), metrics=dict(content["metrics"]))
-    names[node] = str(content["site"]["name"])
-    return TrainReply(site=names[node], arrays={k: a.numpy() for k, a in content["arrays"].items()},
-                      metrics=dict(content["metrics"]))
+        return TrainReply(site=coordinator.site_of(node), error=msg.error.reason)
+    try:
+        reply = TrainReply.from_record(msg.content)
+        reply.site = coordinator.site_of(node, reply.site, answered)
+    except MalformedReply as e:
+        return TrainReply(site=coordinator.site_of(node), rejected=f"malformed reply: {e}")
+    return reply
 
 
-def _evaluate_reply(msg: Message, names: dict[int, str]) -> EvaluateReply:
+def _evaluate_reply(msg: Message, coordinator: Coordinator, answered: set[int]) -> EvaluateReply:
     node = msg.metadata.src_node_id
     if msg.has_error():
-        return EvaluateReply(site=_site_name(node, names), error=msg.error.reason)
-    content = msg.content
-    if "refusal" in content:
-        return EvaluateReply(site=str(content["refusal"]["site"]), error=str(content["refusal"]["reason"]))
-    site = content["site"]
-    return EvaluateReply(site=str(site["name"]), metrics=dict(content["metrics"]), groups=json.loads(site["groups"]),
-                         classes=json.loads(site["classes"]))
+        return EvaluateReply(site=coordinator.site_of(node), error=msg.error.reason)
+    try:
+        reply = EvaluateReply.from_record(msg.content, coordinator.classes)
+        reply.site = coordinator.site_of(node, reply.site, answered)
+    except MalformedReply as e:
+        return EvaluateReply(site=coordinator.site_of(node), rejected=f"malformed reply: {e}")
+    return reply
 
 
 def _fmt(value) -> str:

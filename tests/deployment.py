@@ -1,6 +1,7 @@
 """A real Flower deployment on loopback, for the deployment tests: the same commands docs/deployment.md gives.
 
-``LocalDeployment`` makes certificates with ``fedvision certs``, site data with ``fedvision data synth``, starts
+``LocalDeployment`` makes certificates with ``fedvision certs``, site data with ``fedvision data synth``, approves this checkout
+at every site and writes the site launcher (``fedvision site approve`` / ``launcher``), starts
 ``flower-superlink`` (TLS, SuperNode authentication, a database file) on a free port, registers site keys with
 ``flwr supernode register``, starts ``flower-supernode`` processes, and runs the app with ``flwr run``. Every
 process gets its own session, so a SIGKILL takes down a whole "machine" (SuperNode and its ClientApp).
@@ -54,6 +55,11 @@ class LocalDeployment:
         self.fedvision("certs", "--out", str(self.certs), "--sites", str(sites))
         self.fedvision("data", "synth", "--out", str(self.data), "--sites", str(sites), "--per-site", str(per_site),
                        "--test-size", str(test_size))
+        # Every site runs only the app it approved: this checkout, through the launcher (docs/deployment.md).
+        self.approved = root / "approved-apps.txt"
+        self.site_bin = root / "site-bin"
+        self.fedvision("site", "approve", str(REPO), "--approved", str(self.approved))
+        self.fedvision("site", "launcher", "--bin", str(self.site_bin), "--approved", str(self.approved))
         self.flwr_home.mkdir(parents=True)
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "{self.address}"\n'
@@ -68,9 +74,9 @@ class LocalDeployment:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, check=check, capture_output=True, text=True,
                               timeout=120)
 
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "a")
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, cwd=self.root,
                                 start_new_session=True)
 
     def log(self, name: str) -> str:
@@ -115,7 +121,9 @@ class LocalDeployment:
         # Flower itself refuses an authentication key without TLS, so a plaintext node comes without one.
         cmd += ["--root-certificates", str(self.certs / "ca.crt"), "--auth-supernode-private-key",
                 str(self.certs / f"{site}.key")] if tls else ["--insecure"]
-        self.nodes[site] = self._spawn(site, cmd)
+        # The site's launcher comes first on PATH, so Flower runs it as flwr-clientapp.
+        env = {**self.env, "PATH": f"{self.site_bin}{os.pathsep}{self.env['PATH']}"}
+        self.nodes[site] = self._spawn(site, cmd, env)
         return self.nodes[site]
 
     def state_dir(self, site: str) -> Path:
@@ -139,8 +147,8 @@ class LocalDeployment:
         path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
         return path
 
-    def flwr_run(self, config: Path, name: str = "flwr-run") -> subprocess.Popen:
-        return self._spawn(name, [str(BIN / "flwr"), "run", str(REPO), FEDERATION, "--stream",
+    def flwr_run(self, config: Path, name: str = "flwr-run", app: Path = REPO) -> subprocess.Popen:
+        return self._spawn(name, [str(BIN / "flwr"), "run", str(app), FEDERATION, "--stream",
                                   "--run-config", str(config)])
 
     def close(self) -> None:

@@ -148,7 +148,7 @@ def test_a_deployed_site_refuses_canaries():
 # Acceptance floors
 # ---------------------------------------------------------------------------------------------------------
 M = 1000  # canaries: uniform-noise 8×8 images with random labels, half of them (by secret coins) trained on
-EPOCHS = 16  # local epochs of the one round (DP off)
+EPOCHS = 24  # local epochs of the one round (DP off); 16 memorised too weakly in 1 of 4 runs (85 of 100 guesses, ε_lb 1.03)
 DP_EPOCHS = 4  # central DP-SGD epochs (DP on; ε = 2 whatever the epochs, fewer keep the test short)
 DIGITS = ["--set", "dataset='digits'", "--set", "partitioning='iid'", "--set", "image-size=8", "--set", "channels=1",
           "--set", "batch-size=64", "--set", "local-test-fraction=0.5"]
@@ -159,7 +159,8 @@ def test_without_dp_a_real_simulation_gives_epsilon_lower_bound_at_least_2(tmp_p
     """Through `fedvision run`: the CLI plants the canaries and coins, simulated site-1 trains on the "in" ones,
     the audit scores them on the global model and reports ε_lb ≥ 2 (DP off: nothing bounds the leakage)."""
     from audit.privacy import run_privacy_audit
-    from audit.report import _privacy, _privacy_findings
+    from audit.findings import privacy_findings
+    from audit.report import _privacy
     from fedvision.models import load_model
 
     out = tmp_path / "run"
@@ -180,7 +181,7 @@ def test_without_dp_a_real_simulation_gives_epsilon_lower_bound_at_least_2(tmp_p
           f"({time.time() - started:.0f}s)")
     assert canary["m"] == M and canary["claimed_epsilon"] is None
     assert canary["epsilon_lower_bound"] >= 2.0
-    finding = next(f for f in _privacy_findings(_privacy(result)) if f["check"] == "privacy: canary audit")
+    finding = next(f for f in privacy_findings(_privacy(result)) if f["check"] == "privacy: canary audit")
     assert finding["status"] == "not assessed" and "canary ε lower bound" in finding["reason"]
 
 

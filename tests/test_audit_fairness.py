@@ -186,7 +186,8 @@ def _federated_sites(monkeypatch, tmp_path, **policy):
     from fedvision.config import RunConfig
     from fedvision.data.dataset import LoadedDataset
     from fedvision.privacy import SitePolicy
-    from fedvision.federation import EvaluateReply, federated_evaluation
+    from fedvision.federation import federated_evaluation
+    from fedvision.messages import EvaluateReply
     from fedvision.train import EvalResult
 
     def predictions_as_evaluation(model, dataset):  # the site's "model" predicts what the dataset says

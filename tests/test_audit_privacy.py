@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.stats import beta, binom
 
+from audit.intervals import clopper_pearson_upper
 from audit.privacy import (
-    clopper_pearson_upper,
     membership_inference,
     membership_inference_from_scores,
     privacy_from_run,

@@ -24,12 +24,12 @@ import pandas as pd
 import pytest
 import torch
 
+from audit.intervals import wilson_interval
 from audit.report import (
     REPORT_SCHEMA,
     build_report,
     render_html,
     validate_report,
-    wilson_interval,
 )
 from fedvision.cli import main
 
@@ -46,7 +46,8 @@ CHEAP = ["--limit", "12", "--n0", "10", "--n", "50", "--attacks", "fgsm", "pgd",
 def _train_run(run_dir: Path) -> Path:
     """One round of 3 DP sites through fedvision's site and coordinator code; returns the run folder."""
     from fedvision.config import NodeConfig, RunConfig
-    from fedvision.federation import Coordinator, EvaluateReply, TrainReply
+    from fedvision.federation import Coordinator
+    from fedvision.messages import EvaluateReply, TrainReply
     from fedvision.federation_cli import SIMULATION_FILE
     from fedvision.io import atomic_write_json
     from fedvision.site import Site
@@ -238,7 +239,8 @@ def test_schema_rejects_a_report_missing_a_required_key(small_report):
 
 
 def test_provenance_flags_a_model_that_is_not_the_runs_result(small_report, tmp_path):
-    from audit.report import AuditInputs, lineage_finding
+    from audit.findings import lineage_finding
+    from audit.report import AuditInputs
 
     rounds = [{"round": 1, "global_sha256": "a" * 64}, {"round": 2, "global_sha256": "b" * 64}]
     def finding(weights):
@@ -277,9 +279,16 @@ def test_html_is_self_contained_and_escapes_every_string_from_data(small_report)
 
 
 def html_escaped(text: str) -> str:
-    import html
+    from markupsafe import escape  # what the templates' autoescaping writes
 
-    return html.escape(text, quote=True)
+    return str(escape(text))
+
+
+def test_status_order_lists_the_statuses_the_schema_allows():
+    from audit.findings import STATUS_ORDER
+
+    status = REPORT_SCHEMA["properties"]["findings"]["items"]["properties"]["status"]["enum"]
+    assert set(STATUS_ORDER) == set(status)
 
 
 def test_wilson_interval_matches_scipy():

@@ -471,7 +471,9 @@ def test_cli_paper_protocol_and_default_sigma(plain_model):
                               "--attacks", "all"])
     options = robustness_options(args, {"noise_std": 0.12})
     assert options.sigma == 0.12 and options.limit is None and "autoattack" in options.attacks
-    assert (options.certify, options.n) == ("adaptive", 1000) and options.require_certified is None
+    from audit import DEFAULT_N
+
+    assert (options.certify, options.n) == ("adaptive", DEFAULT_N) and options.require_certified is None
     args = parser.parse_args(["audit", "--model", "m.pt", "--data", "d", "--out", "o", "--certify", "fixed", "--n",
                               "500", "--require-certified", "0.25:0.6", "0.3:0.5", "--radii", "0", "0.5"])
     options = robustness_options(args, {})

@@ -70,6 +70,25 @@ def test_adaptive_certificates_fail_at_most_alpha_of_the_time_on_a_linear_classi
     assert _failures(unsound, classes, true_radii) > 1.5 * max(failures, alpha * count / 2)
 
 
+def test_default_rule_is_sound_over_a_thousand_certificates_on_a_linear_classifier():
+    # The default schedule and stopping rule (max n = 10,000, 8 looks), α = 0.05 so that failures are frequent
+    # enough to count: each certificate fails with probability ≤ α, so the count is stochastically below
+    # Binomial(1,200, α); more than its 1 − 10⁻⁶ quantile would be a real excess, not bad luck.
+    from scipy.stats import binom
+
+    from audit import DEFAULT_N
+
+    sigma, alpha, count = 0.25, 0.05, 1200
+    model, points, classes, true_radii = _linear_points(count, sigma, seed=7)
+    rule = Adaptive(max_n=DEFAULT_N)
+    results = _certify_many(Smooth(model, 2, sigma, generator=7), points, 100, rule.max_n, alpha, 50_000, rule)
+    failures = _failures(results, classes, true_radii)
+    assert failures <= binom.isf(1e-6, count, alpha), failures
+    certified = [r for c, r, _ in results if c != Smooth.ABSTAIN]
+    assert len(certified) > count / 2 and max(certified) <= rule.max_certifiable_radius(sigma, alpha) + 1e-9
+    assert np.mean([n for *_, n in results]) < 0.5 * rule.max_n
+
+
 def test_adaptive_and_fixed_agree_on_the_curve_with_fewer_samples():
     sigma, count = 0.5, 300
     model, points, classes, true_radii = _linear_points(count, sigma, seed=1)
@@ -105,7 +124,7 @@ def test_certify_adaptive_on_one_image_matches_the_rule():
 
 def test_stopping_rule_cases():
     sigma, alpha = 0.25, 0.001
-    rule = Adaptive(max_n=1000, radii=(0.0, 0.25, 0.5, 0.75, 1.0))
+    rule = Adaptive(max_n=1000, radii=(0.0, 0.25, 0.5, 0.75, 1.0), futility=0.01)
     level = rule.alpha_per_look(alpha)
     ceiling = rule.max_certifiable_radius(sigma, alpha)
     assert rule.looks == [100, 200, 400, 800, 1000]
@@ -113,8 +132,8 @@ def test_stopping_rule_cases():
     assert 0.5 < ceiling < 0.75  # default max n at σ = 0.25: r = 0.5 is certifiable, 0.75 is not
 
     def p_lower(na, n):
-        from audit.smoothing import _lower_bound
-        return _lower_bound(na, n, level)
+        from audit.intervals import clopper_pearson_lower
+        return clopper_pearson_lower(na, n, level)
 
     assert rule.stop(30, 100, p_lower(30, 100), sigma, alpha)  # cannot reach p_A > ½ by n = 1,000: stop at once
     assert not rule.stop(50, 100, p_lower(50, 100), sigma, alpha)  # a coin flip so far: could still reach r = 0
@@ -122,10 +141,11 @@ def test_stopping_rule_cases():
     assert rule.stop(400, 400, p_lower(400, 400), sigma, alpha)  # past 0.5; 0.75 is out of reach of n = 1,000
     assert rule.stop(700, 1000, p_lower(700, 1000), sigma, alpha)  # the last look
     # A certain image keeps going under a larger maximum: 0.75 is then within reach.
-    wide = Adaptive(max_n=10_000, radii=rule.radii)
+    wide = Adaptive(max_n=10_000, radii=rule.radii, futility=0.01)
     assert not wide.stop(400, 400, p_lower(400, 400), sigma, alpha)
     # tolerance: stop when the reachable radius is within it of the current one
-    assert Adaptive(max_n=10_000, radii=rule.radii, tolerance=1.0).stop(400, 400, p_lower(400, 400), sigma, alpha)
+    assert Adaptive(max_n=10_000, radii=rule.radii, tolerance=1.0, futility=0.01).stop(400, 400, p_lower(400, 400),
+                                                                                       sigma, alpha)
     for bad in ({"max_n": 0}, {"growth": 1.0}, {"tolerance": -0.1}, {"futility": 1.0}, {"radii": ()},
                 {"radii": (-1.0,)}, {"first_n": 0}):
         with pytest.raises(ConfigError):
@@ -192,21 +212,21 @@ def _robustness_section(accuracy_ci, majority, requirements=()):
 
 
 def test_robustness_findings_are_informational_unless_required():
-    from audit.report import _robustness_findings
+    from audit.findings import robustness_findings
 
-    certified, attacks = _robustness_findings(_robustness_section([0.6, 0.78], 0.5))
+    certified, attacks = robustness_findings(_robustness_section([0.6, 0.78], 0.5))
     assert certified["status"] == "informational" and attacks["status"] == "informational"
     assert "n ≤ 1,000" in certified["reason"] and "540 samples per image" in certified["reason"]
     assert "0.75" not in certified["reason"].split("largest")[0]  # a radius beyond the ceiling is not quoted
     # not above the majority class with its interval: flagged, whatever the radii say
-    certified, _ = _robustness_findings(_robustness_section([0.55, 0.78], 0.6))
+    certified, _ = robustness_findings(_robustness_section([0.55, 0.78], 0.6))
     assert certified["status"] == "flag" and "majority-class rate" in certified["reason"]
     met = {"radius": 0.25, "min_certified_accuracy": 0.6, "certified_accuracy": 0.6, "ci": [0.5, 0.7], "met": True,
            "above_max_certifiable_radius": False}
-    assert _robustness_findings(_robustness_section([0.6, 0.78], 0.5, [met]))[0]["status"] == "pass"
+    assert robustness_findings(_robustness_section([0.6, 0.78], 0.5, [met]))[0]["status"] == "pass"
     unmet = dict(met, min_certified_accuracy=0.65, met=False)
-    certified, _ = _robustness_findings(_robustness_section([0.6, 0.78], 0.5, [met, unmet]))
+    certified, _ = robustness_findings(_robustness_section([0.6, 0.78], 0.5, [met, unmet]))
     assert certified["status"] == "flag" and "not met" in certified["reason"]
     beyond = dict(unmet, radius=0.75, certified_accuracy=0.0, above_max_certifiable_radius=True)
-    certified, _ = _robustness_findings(_robustness_section([0.6, 0.78], 0.5, [beyond]))
+    certified, _ = robustness_findings(_robustness_section([0.6, 0.78], 0.5, [beyond]))
     assert certified["status"] == "insufficient data" and "raise --n" in certified["reason"]

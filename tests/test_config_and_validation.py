@@ -5,7 +5,8 @@ import pytest
 
 from fedvision.config import NodeConfig, RunConfig
 from fedvision.errors import ConfigError, UpdateRejected
-from fedvision.federation import Coordinator, TrainReply, validate_update
+from fedvision.federation import Coordinator, validate_update
+from fedvision.messages import TrainReply
 from fedvision.federation_cli import app_defaults
 
 

@@ -10,6 +10,7 @@ exactly one charge per round it trained, against the weights that round sent —
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 from fedvision.models import load_model, state_digest
 from fedvision.privacy import PrivacyLedger
-from deployment import LocalDeployment, read_run, wait_for
+from deployment import REPO, LocalDeployment, read_run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -125,6 +126,33 @@ def test_tls_and_node_authentication_end_to_end(deploy, tmp_path):
                 assert (d.state_dir(site) / "ledger.json").read_bytes() == saved[site], f"{site} charged a refused run"
             else:
                 saved[site] = (d.state_dir(site) / "ledger.json").read_bytes()
+
+    # Sites run only the app they approved. A checkout whose code skips DP has another digest: every site's
+    # launcher refuses it before unpacking it, the coordinator records why, and nothing is charged.
+    modified = tmp_path / "modified-checkout"
+    shutil.copytree(REPO, modified, ignore=shutil.ignore_patterns(".git", ".venv", "demo-output", "__pycache__",
+                                                                  "*.egg-info", ".pytest_cache"))
+    site_py = modified / "fedvision" / "site.py"
+    honest = "trainer = train_private if self.run.dp else train_nonprivate"
+    assert honest in site_py.read_text()
+    site_py.write_text(site_py.read_text().replace(honest, "trainer = train_nonprivate"))
+    unapproved = tmp_path / "unapproved"
+    proc = d.flwr_run(d.run_config(unapproved, **{"num-server-rounds": 1, "min-train-nodes": 3,
+                                                  "min-available-nodes": 3}), name="unapproved", app=modified)
+    _finish(d, proc, "unapproved")
+    record = read_run(unapproved)
+    failed = {r["site"]: r["reason"] for r in record["failed"]}
+    assert set(failed) == set(sites), record["failed"]  # named by the names given at registration
+    assert all("has not approved app sha256" in reason for reason in failed.values()), failed
+    assert record["status"] == "failed" and not record["rounds"][0]["aggregated"]
+    for site in sites:
+        assert (d.state_dir(site) / "ledger.json").read_bytes() == saved[site], f"{site} charged an unapproved app"
+
+    # No site's own path reached the coordinator: not in any run record, not in its logs.
+    coordinator_sees = "".join((p.read_text() for p in tmp_path.glob("*/run.json"))) + \
+        "".join(d.log(name) for name in ("superlink", "flwr-run", "unapproved", "refused-0", "refused-1", "refused-2"))
+    for site in sites:
+        assert str(d.data / site) not in coordinator_sees and str(d.state_dir(site)) not in coordinator_sees
 
 
 def test_site_killed_mid_round_run_completes_and_site_rejoins_with_its_ledger(deploy, tmp_path):

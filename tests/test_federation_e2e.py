@@ -159,12 +159,20 @@ def test_poisoned_sites_are_rejected_and_accuracy_holds(tmp_path):
     common = ["--sites", "4", "--rounds", "3", *DIGITS, "--set", "local-epochs=5", "--set", "batch-size=128",
               "--set", "local-test-fraction=0.0", "--set", "epsilon-budget=50.0"]
     fedvision("run", "--out", str(clean), *common)
-    fedvision("run", "--out", str(attacked), *common, "--set", "simulated-attacks='site-2:nan,site-3:scale=100'")
+    # Weights: NaN (site-2), ×100 (site-3). Replies: an extra metric key (site-3, round 2), a claim of 10⁹
+    # examples (site-4, rounds 1 and 3) and evaluation tables of the wrong shape (site-4, round 2).
+    fedvision("run", "--out", str(attacked), *common, "--set", "simulated-attacks='site-2:nan,"
+              "site-3:scale=100/extra/scale=100,site-4:claim=1000000000/badeval/claim=1000000000'")
     rec = record(attacked)
-    rejected = {(r["site"], r["round"]) for r in rec["rejected"]}
-    assert rejected == {(s, r) for s in ("site-2", "site-3") for r in (1, 2, 3)}
-    reasons = {r["site"]: r["reason"] for r in rec["rejected"]}
-    assert "NaN" in reasons["site-2"] and "norm" in reasons["site-3"]
+    assert rec["status"] == "completed" and all(r["aggregated"] for r in rec["rounds"])
+    reasons = {(r["site"], r["round"]): r["reason"] for r in rec["rejected"]}
+    assert set(reasons) == {(s, r) for s in ("site-2", "site-3") for r in (1, 2, 3)} | {("site-4", 2)}
+    assert "NaN" in reasons["site-2", 1] and "norm" in reasons["site-3", 1]
+    assert "malformed reply" in reasons["site-3", 2] and "unexpected extra-key" in reasons["site-3", 2]
+    assert reasons["site-4", 2].startswith("evaluate reply: malformed reply") and "table" in reasons["site-4", 2]
+    assert {(s["site"], s["round"]) for s in rec["suspects"] if "claims 1000000000" in s["reason"]} == \
+        {("site-4", 1), ("site-4", 3)}
+    assert all(sorted(r["accepted"]) == ["site-1", "site-4"] for r in rec["rounds"])
     accuracy, clean_accuracy = rec["rounds"][-1]["central"]["accuracy"], record(clean)["rounds"][-1]["central"]["accuracy"]
     print(f"poisoning: clean {clean_accuracy:.3f}, attacked (NaN + ×100 rejected) {accuracy:.3f}")
     # Two honest sites average away less of their (independent) DP noise than four: a few points are expected.
