@@ -93,6 +93,7 @@ class Coordinator:
         self._lock = hold_lock(self.dir / "run.lock", f"run-dir {self.dir} is in use by another coordinator")
         self.round = 0
         self._geometry: dict[str, Any] = {}  # the last screened round's update norms and pairwise distances
+        self._told: set[tuple[str, str]] = set()  # (node, other name) already logged
         self.record: dict[str, Any] = {
             "format": RUN_FORMAT, "config": run.to_mapping(), "versions": versions(),
             "started": _now(), "rounds": [], "sites": {}, "nodes": {}, "rejected": [], "refused": [], "failed": [], "suspects": [],
@@ -188,7 +189,8 @@ class Coordinator:
         fixed = set(self.record.get("registered_nodes", []))
         key = str(node_id)
         if key in nodes:
-            if claimed and claimed != nodes[key]:
+            if claimed and claimed != nodes[key] and (key, claimed) not in self._told:
+                self._told.add((key, claimed))  # said once, not every round
                 log.warning("node %s reports name %r but is %r in this run; keeping %r", key, claimed, nodes[key],
                             nodes[key])
             return nodes[key]
