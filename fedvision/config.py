@@ -39,6 +39,12 @@ def _opt(help: str, default: Any, check: Callable[[Any], bool] | None = None, wh
     return field(default=default, metadata={"help": help, "check": check, "what": what, "choices": choices})
 
 
+# Simulated attacks (``simulated-attacks``): on the weights (``fedvision.site.poison``) and on the reply itself
+# (a wrong example count, a key outside the schema, a malformed evaluation payload).
+WEIGHT_ATTACKS = ("nan", "scale", "signflip", "noise")
+REPLY_ATTACKS = ("claim", "extra", "badeval")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Run config of a federation run. Attribute ``num_server_rounds`` is key ``num-server-rounds``."""
@@ -155,7 +161,7 @@ class RunConfig:
             attacks = rotation.split("/")
             for attack in attacks:
                 kind, _, arg = attack.partition("=")
-                if kind not in ("nan", "scale", "signflip", "noise", "claim", "extra", "badeval") \
+                if kind not in WEIGHT_ATTACKS + REPLY_ATTACKS \
                         or (arg and not _is_number(arg)) or (kind == "claim" and not arg):
                     raise ConfigError(f"simulated-attacks: unknown attack {attack!r} for {site!r} (expected nan, "
                                       "scale=K, signflip, noise=STD, claim=N, extra or badeval)")

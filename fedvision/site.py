@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedvision.config import NodeConfig, RunConfig, named_split
+from fedvision.config import WEIGHT_ATTACKS, NodeConfig, RunConfig, named_split
 from fedvision.dp import SECRET_SOURCE, PrivateRandomness, epsilon_rdp
 from fedvision.errors import ConfigError, PolicyRefusal
 from fedvision.groups import group_labels, group_sort_key
@@ -363,11 +363,6 @@ def _model(name: str, num_classes: int, channels: int, image_size: int, dp: bool
     return copy.deepcopy(_template(name, num_classes, channels, image_size, dp))
 
 
-
-
-WEIGHT_ATTACKS = ("nan", "scale", "signflip", "noise")  # simulated attacks on the weights (``poison``)
-# ... and on the reply itself: a wrong example count, a key outside the schema, a malformed evaluation payload.
-REPLY_ATTACKS = ("claim", "extra", "badeval")
 
 
 def poison(state: StateDict, global_state: StateDict, attack: str, seed: int = 0) -> StateDict:
