@@ -70,7 +70,7 @@ class RunConfig:
     max_weight_ratio: float = _opt("weighted rules (FedAvg, FedProx, FedAdam): no site's weight exceeds this "
                                    "multiple of the round's median num-examples (0 = off)", 4.0, _non_negative, "≥ 0")
     # -- model and data ------------------------------------------------------------------------------------
-    model: str = _opt("timm model name or fedvision_cnn / fedvision_swin", "fedvision_cnn")
+    model: str = _opt("timm model name or fedvision_cnn / fedvision_scatternet / fedvision_swin", "fedvision_cnn")
     image_size: int = _opt("images are resized to image-size × image-size", 32, lambda v: v >= 4, "≥ 4")
     channels: int = _opt("image channels (1 or 3)", 3, lambda v: v in (1, 3), "1 or 3")
     dataset: str = _opt("simulation: the dataset spec partitioned among simulated sites", "synthetic-derm:0")

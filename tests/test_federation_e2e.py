@@ -179,17 +179,19 @@ def test_poisoned_sites_are_rejected_and_accuracy_holds(tmp_path):
     assert accuracy >= clean_accuracy - 0.08
 
 
-def test_federated_dp_on_digits_reaches_90_percent_at_epsilon_8(tmp_path):
+def test_federated_dp_on_digits_learns_at_epsilon_8(tmp_path):
+    """3 sites of 449 digits each at ε = 8, the DP recipe (ScatterNet features + linear head)."""
     out = tmp_path / "digits"
     fedvision("run", "--sites", "3", "--rounds", "4", "--out", str(out), *DIGITS, "--set", "batch-size=128",
               "--set", "local-epochs=5", "--set", "local-test-fraction=0.0", "--set", "epsilon-budget=8.0",
-              "--set", "delta=1e-5")
+              "--set", "delta=1e-5", "--set", "model='fedvision_scatternet'", "--set", "lr=4.0")
     rec = record(out)
     accuracy = rec["rounds"][-1]["central"]["accuracy"]
     print(f"federated DP digits: accuracy {accuracy:.3f}, ε per site",
           {k: round(v["epsilon"], 3) for k, v in rec["sites"].items()})
     assert all(site["epsilon"] <= 8.0 for site in rec["sites"].values()) and len(rec["sites"]) == 3
-    assert accuracy >= 0.85  # measured 0.887 with fresh secret noise (issue 13 aims higher)
+    # Measured 0.93–0.94 in process (benchmarks/dp_accuracy.py --recipe digits); the margin covers fresh noise.
+    assert accuracy >= 0.88
 
 
 def test_quick_demo_trains_three_dp_sites_and_audits_the_global_model(tmp_path):
@@ -203,4 +205,7 @@ def test_quick_demo_trains_three_dp_sites_and_audits_the_global_model(tmp_path):
     full = json.loads((report / "report.json").read_text())
     validate_report(full)
     assert full["privacy"]["assessed"] and full["fairness"]["federated"] is not None
+    # The quick demo learns: its whole 95 % interval lies above always answering the majority class.
+    performance = full["performance"]
+    assert performance["ci"][0] > performance["majority_class_rate"], performance
     assert str(report / "report.html") in proc.stdout and (report / "report.html").is_file()

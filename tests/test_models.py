@@ -13,6 +13,7 @@ from fedvision.train import TrainConfig, evaluate, train_private
 FAMILIES = [
     ("fedvision_cnn", False),
     ("fedvision_swin", False),
+    ("fedvision_scatternet", False),
     ("resnet18", False),
     ("resnet10t", False),
     ("efficientnet_b0", True),
@@ -102,6 +103,27 @@ def test_dp_sgd_clips_true_per_sample_gradients_and_learns(name, float64):
     assert evaluate(model, ds, device="cpu").loss < start
 
 
+def test_own_models_are_built_without_importing_timm():
+    """Every ClientApp process of a deployed site builds the model: fedvision's own ones must not pay timm's
+    (and torchvision's) import. timm's registry still sees them once timm is loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedvision.models import create_model; create_model('fedvision_cnn', 2, img_size=8); "
+            "assert 'timm' not in sys.modules, 'timm imported'; create_model('resnet10t', 2, img_size=32); "
+            "import timm; assert timm.is_model('fedvision_scatternet')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_scatternet_keeps_its_fixed_filters_out_of_the_weights():
+    model = create_model("fedvision_scatternet", 10, in_chans=1, img_size=8)
+    assert sorted(model.state_dict()) == ["head.bias", "head.weight"]  # the only trainable (and sent) weights
+    assert all(not p.requires_grad for p in model.scattering.buffers())
+    # Certification feeds broadcast (non-contiguous) batches of noisy copies; kymatio alone would refuse them.
+    assert model(torch.rand(1, 1, 8, 8).expand(3, -1, -1, -1)).shape == (3, 10)
+
+
 def test_swin_from_timm_is_refused_with_a_reason():
     with pytest.raises(ModelError, match="fedvision_swin"):
         create_model("swin_tiny_patch4_window7_224", 2, img_size=32)
@@ -112,6 +134,7 @@ def test_swin_from_timm_is_refused_with_a_reason():
     (dict(name="fedvision_cnn", num_classes=1), "num_classes"),
     (dict(name="fedvision_cnn", num_classes=2, in_chans=0), "in_chans"),
     (dict(name="fedvision_swin", num_classes=2, img_size=30), "multiple"),
+    (dict(name="fedvision_scatternet", num_classes=2, img_size=31), "multiple"),
 ])
 def test_bad_model_arguments_give_one_line_errors(kwargs, match):
     with pytest.raises(ModelError, match=match) as e:
