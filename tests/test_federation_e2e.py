@@ -190,7 +190,8 @@ def test_federated_dp_on_digits_learns_at_epsilon_8(tmp_path):
     print(f"federated DP digits: accuracy {accuracy:.3f}, ε per site",
           {k: round(v["epsilon"], 3) for k, v in rec["sites"].items()})
     assert all(site["epsilon"] <= 8.0 for site in rec["sites"].values()) and len(rec["sites"]) == 3
-    # Measured 0.93–0.94 in process (benchmarks/dp_accuracy.py --recipe digits); the margin covers fresh noise.
+    # Measured 0.907–0.949 in eleven in-process runs (benchmarks/dp_accuracy.py --recipe digits) and 0.929 through
+    # flwr run; the margin covers fresh noise.
     assert accuracy >= 0.88
 
 
