@@ -13,6 +13,7 @@ fresh every run, so repeat with --repeats to see the spread.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 import warnings
@@ -37,13 +38,12 @@ DIGITS = {"dataset": "digits", "partitioning": "iid", "image-size": 8, "channels
 RECIPES = {"demo": DEMO, "demo-quick": {**DEMO, **QUICK_DEMO}, "digits": DIGITS}
 
 
-def federate(run: RunConfig, sites: int) -> float:
-    """Final central accuracy of ``run`` with ``sites`` simulated sites and FedAvg."""
-    torch.manual_seed(run.seed)
+def federate(run: RunConfig, sites: int) -> tuple[float, int]:
+    """(final central accuracy, test examples) of ``run`` with ``sites`` simulated sites and FedAvg."""
     test = load_for_run(run, run.test_dataset, "test")
     members = [Site.from_configs(run, NodeConfig(partition_id=i, num_partitions=sites)) for i in range(sites)]
-    model = members[0].model()
-    state = {k: v.detach().clone() for k, v in _initial(run, len(test.classes)).state_dict().items()}
+    model = _initial(run, len(test.classes))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for rnd in range(1, run.num_server_rounds + 1):
         updates = [(len(s.train_data), s.train(state, rnd)[0]) for s in members]
         total = sum(n for n, _ in updates)
@@ -60,14 +60,13 @@ def _initial(run: RunConfig, num_classes: int) -> torch.nn.Module:
 def pooled(run: RunConfig) -> float:
     """The same architecture trained without DP on all sites' training data pooled, as many epochs in total."""
     train, test = load_for_run(run, run.dataset, "train"), load_for_run(run, run.test_dataset, "test")
-    model = _initial(run, len(test.classes))
     cfg = TrainConfig(epochs=run.num_server_rounds * run.local_epochs, batch_size=run.batch_size, lr=run.lr,
                       momentum=run.momentum, seed=run.seed, noise_std=run.noise_std)
     # A large DP learning rate diverges without clipping and noise: the best of a few plain ones.
     best = 0.0
     for lr in (run.lr, 0.1, 0.03):
         model = _initial(run, len(test.classes))
-        train_nonprivate(model, train.dataset, TrainConfig(**{**cfg.__dict__, "lr": lr}))
+        train_nonprivate(model, train.dataset, dataclasses.replace(cfg, lr=lr))
         best = max(best, evaluate(model, test.dataset).accuracy)
     return best
 

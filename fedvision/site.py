@@ -364,7 +364,6 @@ def _model(name: str, num_classes: int, channels: int, image_size: int, dp: bool
 
 
 
-
 def poison(state: StateDict, global_state: StateDict, attack: str, seed: int = 0) -> StateDict:
     """Simulated Byzantine site (for robustness tests and demos): nan, scale=K, signflip or noise=STD."""
     kind, _, arg = attack.partition("=")
