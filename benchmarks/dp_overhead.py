@@ -1,9 +1,10 @@
 """DP-SGD overhead: samples/s of non-private vs DP-SGD training, same model, batch and process.
 
-    python benchmarks/dp_overhead.py [--models fedvision_cnn fedvision_scatternet resnet18 vit_tiny_patch16_224] [--samples 512]
+    python benchmarks/dp_overhead.py [--models fedvision_cnn ... vit_tiny_patch16_224] [--samples 512]
 
 Both paths go through fedvision.train (train_nonprivate / train_private) on the same random 32×32 images,
-batch 64; DP-SGD uses Poisson sampling, flat clipping and σ = 1. Prints a Markdown table with the ratio.
+batch 64; DP-SGD uses Poisson sampling, flat per-sample clipping (fedvision.per_sample: book-keeping with mixed
+ghost norms), secure-mode noise and σ = 1. Prints a Markdown table with the ratio.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def throughput(name: str, private: bool, data, batch: int, repeats: int) -> floa
 
 
 def main() -> None:
-    args = parse_args(__doc__, ["fedvision_cnn", "fedvision_scatternet", "resnet18", "vit_tiny_patch16_224"], 512)
+    args = parse_args(__doc__, ["fedvision_cnn", "fedvision_scatternet", "resnet18", "efficientnet_b0",
+                                "convnext_atto", "vit_tiny_patch16_224"], 512)
     data = random_images(args.samples)
     print(f"{args.threads} threads, 32×32 inputs, batch {args.batch}, {args.samples} samples, best of {args.repeats}")
     print("| model | non-private samples/s | DP-SGD samples/s | slowdown |")

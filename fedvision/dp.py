@@ -1,5 +1,6 @@
-"""The one place that talks to Opacus: per-sample gradients, DP-SGD components (with fresh secret randomness)
-and privacy accounting (PLD from dp-accounting, enforced; RDP from Opacus, as a cross-check).
+"""The one place that talks to Opacus: DP-SGD components (Poisson sampling and noise, with fresh secret
+randomness; per-sample clipping is fedvision.per_sample's own) and privacy accounting (PLD from dp-accounting,
+enforced; RDP from Opacus, as a cross-check).
 
 Everything else (training loop, privacy ledger, model factory) calls these functions, so an Opacus
 upgrade or a change of accountant touches this file only.
@@ -12,18 +13,15 @@ import math
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from fedvision.errors import BudgetExceededError, ConfigError, ModelError
 
-# Opacus hooks the first layer too, whose input (the image) needs no gradient; torch warns about it on every
-# backward pass although the per-sample gradients are unaffected.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-# functorch (Opacus's fallback for ViT's class token and position embedding) has no batching rule for CPU flash
-# attention: per-sample gradients are right, only slower; the warning would repeat on every step.
+# torch.func (fedvision.per_sample's route for parameters without a closed form, e.g. ViT's class token) has no
+# batching rule for CPU flash attention: per-sample gradients are right, only slower; the warning would repeat.
 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
 
 # The accountant every ledger is composed and enforced with, and σ calibrated with: the privacy-loss-distribution
@@ -287,53 +285,33 @@ def _calibrate(eps, budget: float, guess: float, step: float, max_sigma: float, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-sample gradients
+# Per-sample gradients (fedvision.per_sample: book-keeping clipping, one backward pass)
 # ---------------------------------------------------------------------------------------------------------
-def fold_grad_samples(params: Iterable[nn.Parameter], batch_size: int) -> None:
-    """Sum per-sample gradients of layers that saw several rows per image back to one row per image.
-
-    Some models fold pieces of an image into the batch dimension (MobileViT folds its patch positions:
-    row ``b * k + j`` belongs to image ``b``). Opacus then returns ``k * B`` gradient rows for those layers,
-    each scaled by ``k * B`` instead of ``B`` under mean reduction; the per-image gradient is the mean of
-    its ``k`` rows. Without this, clipping would bound per-piece, not per-image, contributions.
-    """
-    if batch_size <= 0:
-        return
-    for p in params:
-        gs = getattr(p, "grad_sample", None)
-        if gs is None or gs.shape[0] == batch_size:
-            continue
-        if gs.shape[0] % batch_size:
-            raise ModelError(f"per-sample gradient has {gs.shape[0]} rows for a batch of {batch_size}: "
-                             "the model mixes samples across the batch")
-        k = gs.shape[0] // batch_size
-        p.grad_sample = gs.reshape(batch_size, k, *gs.shape[1:]).mean(dim=1)
-
-
 def check_per_sample_gradients(model: nn.Module, input_shape: tuple[int, int, int], name: str = "model") -> None:
-    """Run one per-sample-gradient pass on two random inputs; raise ModelError (one line) if Opacus fails."""
-    from opacus import GradSampleModule
+    """Run one clipped backward pass on two random inputs; raise ModelError (one line) if a layer cannot give
+    per-sample gradients."""
+    from fedvision.per_sample import PerSampleClipper
 
     was_training = model.training
-    gsm = None
+    clipper = None
     try:
-        gsm = GradSampleModule(model)
-        x = torch.rand(2, *input_shape)
-        out = gsm(x)
-        out.float().sum().backward()
-        fold_grad_samples(model.parameters(), 2)
+        model.train()
+        clipper = PerSampleClipper(model)
+        out = clipper(torch.rand(2, *input_shape))
+        clipper.clipped_backward(out.float().reshape(2, -1).sum(1), 1.0)
         for pname, p in model.named_parameters():
-            if p.requires_grad and (getattr(p, "grad_sample", None) is None or p.grad_sample.shape[0] != 2):
+            if p.requires_grad and (p.grad is None or p.grad.shape != p.shape):
                 raise ModelError(f"model '{name}' cannot be trained with DP-SGD: no per-sample gradient "
                                  f"for parameter '{pname}'")
-    except ModelError:
-        raise
+    except ModelError as e:
+        raise ModelError(str(e) if str(e).startswith(f"model '{name}'") else
+                         f"model '{name}' cannot be trained with DP-SGD: {e}") from e
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise ModelError(f"model '{name}' cannot be trained with DP-SGD: {reason}") from e
     finally:
-        if gsm is not None:
-            gsm._close()
+        if clipper is not None:
+            clipper.close()
         for p in model.parameters():
             p.grad = None
         model.train(was_training)
@@ -388,26 +366,27 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  noise_multiplier: float, max_grad_norm: float, randomness: PrivateRandomness):
     """Wrap model, optimizer and loader for DP-SGD: Poisson sampling and flat per-sample clipping.
 
-    Returns (grad_sample_module, dp_optimizer, dp_data_loader, sample_rate). Accounting is not done here:
-    the caller charges (noise_multiplier, sample_rate, steps) to the site's ``PrivacyLedger`` first.
+    Returns (clipper, dp_optimizer, dp_data_loader, sample_rate). The clipper (``fedvision.per_sample``) turns
+    per-sample losses into the clipped gradient sum in ``.grad``; Opacus's optimizer adds the Gaussian noise
+    (std σ·C) to the sum over a logical batch, divides by the expected batch size and steps. Accounting is not
+    done here: the caller charges (noise_multiplier, sample_rate, steps) to the site's ``PrivacyLedger`` first.
     """
-    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizerFastGradientClipping
 
-    # Opacus draws Poisson batches from the loader's own generator (its secure_rng would need torchcsprng,
-    # unmaintained since torch 1.x), so the loader is rebuilt around the secret sampling generator.
-    loader = torch.utils.data.DataLoader(data_loader.dataset, batch_size=data_loader.batch_size,
-                                         generator=randomness.sampling)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "secure RNG turned off" refers to torchcsprng; our seeds are secret
-        engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: the ledger accounts
-        module, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, poisson_sampling=True, clipping="flat",
-            noise_generator=randomness.noise, grad_sample_mode="hooks")
-    # Secure-mode noise (Opacus's _generate_noise(secure_mode=True)) with our generator: PrivacyEngine only
-    # turns it on together with torchcsprng, DPOptimizer reads the flag at every step.
-    dp_optimizer.secure_mode = randomness.private
-    return module, dp_optimizer, dp_loader, 1.0 / len(dp_loader)
+    from fedvision.per_sample import PerSampleClipper
+
+    # Poisson batches from the secret sampling generator (Opacus's secure_rng would need torchcsprng,
+    # unmaintained since torch 1.x).
+    loader = DPDataLoader.from_data_loader(data_loader, generator=randomness.sampling)
+    sample_rate = 1.0 / len(loader)
+    dp_optimizer = DPOptimizerFastGradientClipping(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=int(len(data_loader.dataset) * sample_rate), loss_reduction="mean",
+        generator=randomness.noise,
+        # Secure-mode noise (a sum of four Gaussians, Opacus's _generate_noise) with our generator.
+        secure_mode=randomness.private)
+    return PerSampleClipper(model), dp_optimizer, loader, sample_rate
 
 
 def memory_safe_batches(data_loader, max_physical_batch_size: int, optimizer):
@@ -418,7 +397,6 @@ def memory_safe_batches(data_loader, max_physical_batch_size: int, optimizer):
                               optimizer=optimizer)
 
 
-def release(module: nn.Module) -> None:
-    """Remove Opacus's hooks and per-sample gradient buffers from a GradSampleModule."""
-    if hasattr(module, "_close"):
-        module._close()
+def release(clipper) -> None:
+    """Remove the per-sample clipper's hooks from the model."""
+    clipper.close()

@@ -1,15 +1,16 @@
-"""The one model factory: timm's registry, made trainable under Opacus.
+"""The one model factory: timm's registry, made trainable with DP-SGD.
 
 ``create_model(name, num_classes, ...)`` accepts any timm model name plus fedvision's own small models
 (``OWN_MODELS``, built without importing timm, and registered into timm's registry as soon as fedvision loads
 timm, so ``timm.create_model`` sees them too). With ``dp=True`` the model is
-rewritten so that Opacus can compute per-sample gradients:
+rewritten so that per-sample gradients (``fedvision.per_sample``) are exact:
 
 * every BatchNorm variant (``nn.BatchNorm*``, timm's ``BatchNormAct2d``) becomes GroupNorm with the
   same affine shape, keeping a fused activation where there was one: BatchNorm mixes samples in a batch,
   so per-sample gradients (and the DP guarantee) would be meaningless with it;
 * in-place activations are made out-of-place and ``x += shortcut``-style in-place adds in ``forward``
-  become out-of-place: Opacus's backward hooks wrap a layer's output, which must not be modified in place;
+  become out-of-place: the per-sample hooks keep each layer's output gradient, so outputs are not modified
+  in place;
 * ``nn.MultiheadAttention`` becomes Opacus's ``DPMultiheadAttention``.
 
 A model family that cannot be made compatible is refused at creation with a one-line reason.
@@ -33,11 +34,11 @@ from fedvision.io import atomic_write
 MODEL_FORMAT = "fedvision-model/1"
 
 # Families whose forward folds several pieces of one image into the batch dimension *and* owns parameters
-# that Opacus can only handle through functorch, which sees positional inputs only: per-sample gradients
-# would be silently wrong, so they are refused. Our own window-attention model is the supported alternative.
+# that only torch.func can give per-sample gradients for, with the shift mask passed as a keyword: refused at
+# creation. Our own window-attention model is the supported alternative.
 UNSUPPORTED_FOR_DP = {
     "swin": "timm's Swin folds attention windows into the batch dimension and passes the shift mask as a "
-    "keyword, so Opacus cannot compute correct per-sample gradients; use 'fedvision_swin' (window attention "
+    "keyword, so per-sample gradients cannot be computed for its attention; use 'fedvision_swin' (window attention "
     "built for DP) instead",
     "swinv2": "same limitation as timm's Swin; use 'fedvision_swin'",
 }
@@ -116,8 +117,8 @@ def fedvision_cnn(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
 class _RelativePositionBias(nn.Module):
     """Learned relative position bias added to window-attention logits of shape (B, nW, heads, N, N).
 
-    Its own module, taking the logits as its positional input, so Opacus computes its per-sample gradient
-    with functorch over the real batch dimension.
+    Its own module, taking the logits as its positional input, so its per-sample gradient comes from
+    torch.func over the real batch dimension (fedvision.per_sample), at the cost of this small module alone.
     """
 
     def __init__(self, window: int, heads: int):
@@ -126,7 +127,7 @@ class _RelativePositionBias(nn.Module):
         nn.init.trunc_normal_(self.table, std=0.02)
         coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-        # A plain attribute, not a buffer: Opacus refuses trainable layers that hold buffers.
+        # A plain attribute (moved to the logits' device on use), so it never enters a state dict.
         self.index = (rel[..., 0] * (2 * window - 1) + rel[..., 1]).reshape(-1)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
@@ -196,7 +197,7 @@ class _WindowBlock(nn.Module):
 
 class WindowAttentionNet(nn.Module):
     """A compact Swin-style classifier (patch embedding, W-MSA/SW-MSA blocks, patch merging) for small
-    inputs, written so every layer sees the real batch dimension (what Opacus needs)."""
+    inputs, written so every layer sees the real batch dimension (what per-sample gradients need)."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32, patch_size: int = 2,
                  window: int = 4, dims: tuple[int, ...] = (48, 96), heads: tuple[int, ...] = (3, 6), **_: Any):
@@ -382,21 +383,9 @@ def _out_of_place_residuals(model: nn.Module) -> None:
             m.__class__ = swaps[type(m)]
 
 
-def _contiguous_inputs(module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
-
-
-def _contiguous_conv_inputs(model: nn.Module) -> None:
-    """Opacus's conv per-sample gradient unfolds activations with ``as_strided`` assuming a contiguous
-    layout; channels-last views (timm's LayerNorm2d permutes, as before ConvNeXt's downsampling convs)
-    silently give wrong per-sample gradients. Make conv inputs contiguous (free when they already are)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            m.register_forward_pre_hook(_contiguous_inputs)
-
-
 def make_dp_compatible(model: nn.Module, name: str = "model") -> nn.Module:
-    """Rewrite ``model`` in place so Opacus can train it; raise ModelError with the reason if it cannot."""
+    """Rewrite ``model`` in place for DP-SGD; raise ModelError with the reason if it cannot be. Opacus's
+    validator names what would mix samples (BatchNorm, running statistics) that the rewrite did not fix."""
     from opacus.validators import ModuleValidator
 
     _replace_batchnorm(model)
@@ -404,7 +393,6 @@ def make_dp_compatible(model: nn.Module, name: str = "model") -> nn.Module:
     if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         model = ModuleValidator.fix(model)
     _out_of_place_residuals(model)
-    _contiguous_conv_inputs(model)
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ModelError(f"model '{name}' cannot be trained with DP-SGD: {errors[0]}")
@@ -445,7 +433,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int |
     """Create ``name`` from timm's registry (randomly initialised: no weights are downloaded).
 
     ``img_size`` is passed to architectures that take it (ViT/DeiT also get a patch size that suits small
-    images); ``dp=True`` makes the model trainable under Opacus (see the module docstring).
+    images); ``dp=True`` makes the model trainable with DP-SGD (see the module docstring).
     """
     if not isinstance(name, str) or (name not in OWN_MODELS and not _timm().is_model(name)):
         raise ModelError(f"unknown model '{name}': not in timm's registry (see timm.list_models())")
@@ -512,7 +500,7 @@ def save_model(model: nn.Module, path: str | Path, meta: dict[str, Any] | None =
     base.setdefault("img_size", None)
     base.setdefault("dp", True)
     base.setdefault("class_names", [str(i) for i in range(base["num_classes"])])
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": MODEL_FORMAT, "meta": base, "state_dict": state}
     return atomic_write(path, lambda f: torch.save(payload, f))
 
@@ -538,7 +526,3 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     model.fedvision_meta = meta
     return model
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside an Opacus GradSampleModule (or the model itself)."""
-    return getattr(model, "_module", model)

@@ -235,29 +235,25 @@ def _step(module, optimizer, x, y, device, config: TrainConfig, weights, aug_gen
         x = x + config.noise_std * torch.randn(x.shape, generator=aug_gen, device=device)
     optimizer.zero_grad(set_to_none=True)
     out = module(x)
-    # Per-sample losses, weighted per sample, then a plain mean: each sample's loss depends only on that
-    # sample (a weighted mean would couple samples through the sum of weights).
+    # Per-sample losses, weighted per sample: each sample's loss depends only on that sample (a weighted mean
+    # would couple samples through the sum of weights).
     losses = F.cross_entropy(out, y, reduction="none")
     if weights is not None:
         losses = losses * weights[y]
-    loss = losses.mean() if len(x) else out.sum() * 0.0
-    loss.backward()
-    if private:
-        dp.fold_grad_samples(module.parameters(), len(x))
+    if private:  # the clipped sum Σᵢ cᵢ∇ℓᵢ; the DP optimizer adds noise and divides by the expected batch size
+        module.clipped_backward(losses, config.max_grad_norm)
+    else:
+        losses.mean().backward()
     optimizer.step()
     if anchor is not None and not getattr(optimizer, "_is_last_step_skipped", False):
         # FedProx's proximal term μ/2·||w − w_global||² as a separate, data-independent gradient step
         # (added after the privatised gradient, so it costs no privacy and is not clipped).
         with torch.no_grad():
-            for name, p in _named_params(module):
+            model = module.model if private else module  # the clipper wraps the model
+            for name, p in model.named_parameters():
                 if name in anchor:
                     p.sub_(config.lr * config.proximal_mu * (p - anchor[name]))
     return total_loss + float(losses.detach().sum()), seen + len(x)
-
-
-def _named_params(module: nn.Module):
-    for name, p in module.named_parameters():
-        yield (name[len("_module."):] if name.startswith("_module.") else name), p
 
 
 @dataclass
