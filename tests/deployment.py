@@ -5,12 +5,15 @@ at every site and writes the site launcher (``fedvision site approve`` / ``launc
 ``flower-superlink`` (TLS, SuperNode authentication, a database file) on a free port, registers site keys with
 ``flwr supernode register``, starts ``flower-supernode`` processes, and runs the app with ``flwr run``. Every
 process gets its own session, so a SIGKILL takes down a whole "machine" (SuperNode and its ClientApp).
+``start_proxy`` puts nginx in front of the SuperLink with the configuration docs/deployment.md gives, verbatim.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +52,7 @@ class LocalDeployment:
         self.data = root / "data"
         self.flwr_home = root / "flwr-home"
         self.superlink: subprocess.Popen | None = None
+        self.proxy: subprocess.Popen | None = None
         self.nodes: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -88,16 +92,51 @@ class LocalDeployment:
         self.superlink = self._spawn("superlink", [
             str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.certs / "ca.crt"),
             "--ssl-certfile", str(self.certs / "server.crt"), "--ssl-keyfile", str(self.certs / "server.key"),
-            "--enable-supernode-auth", "--database", str(self.root / "superlink.db"), "--port", str(self.port),
-            "--disable-runtime-dependency-installation"])
+            "--enable-supernode-auth", "--database", str(self.root / "superlink.db"), "--host", "127.0.0.1",
+            "--port", str(self.port), "--disable-runtime-dependency-installation"])
         wait_for(lambda: self._listening(), 60, "the SuperLink to listen")
 
     def _listening(self) -> bool:
         if self.superlink is not None and self.superlink.poll() is not None:
             raise RuntimeError(f"flower-superlink exited ({self.superlink.returncode}):\n"
                                f"{self.log('superlink')[-3000:]}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+        return _accepts(self.port)
+
+    def start_proxy(self) -> str:
+        """nginx with docs/deployment.md's server block (only its paths and ports replaced) in front of the
+        SuperLink; returns the address sites use."""
+        docs = (REPO / "docs" / "deployment.md").read_text()
+        block = re.search(r"```nginx\n(.*?)```", docs, re.S).group(1)
+        port, prefix = free_port(), self.root / "nginx"
+        for old, new in (("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
+                         ("/etc/fedvision/certs/", f"{self.certs}/"), ("https://127.0.0.1:8000", f"https://{self.address}")):
+            assert old in block, f"docs/deployment.md's nginx block no longer has {old!r}"
+            block = block.replace(old, new)
+        temp = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                        "scgi"))
+        (prefix / "logs").mkdir(parents=True)
+        (prefix / "nginx.conf").write_text(
+            f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log;\nevents {{}}\n"
+            f"http {{\naccess_log {prefix}/logs/access.log;\n{temp}\n{block}}}\n")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.proxy = self._spawn("nginx", [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+                                           "-g", "daemon off;"])
+        wait_for(lambda: self.proxy.poll() is None and _accepts(port), 30, "nginx to listen")
+        return f"127.0.0.1:{port}"
+
+    def proxy_log(self) -> str:
+        return (self.root / "nginx" / "logs" / "access.log").read_text()
+
+    def site_cli(self, superlink: str, *args: str) -> subprocess.CompletedProcess:
+        """The Flower CLI on a site's machine: its own Flower home, only the federation's ca.crt, pointed at
+        ``superlink``."""
+        home = self.root / "site-cli-home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "{superlink}"\n'
+            f'root-certificates = "{self.certs / "ca.crt"}"\n')
+        return subprocess.run([str(BIN / "flwr"), *args], env={**self.env, "FLWR_HOME": str(home)},
+                              capture_output=True, text=True, timeout=120)
 
     def kill_superlink(self) -> None:
         """SIGKILL the SuperLink and the ServerApp it runs: the coordinator's machine dies."""
@@ -111,11 +150,13 @@ class LocalDeployment:
         return [n["status"] for n in json.loads(out[out.index("{"):])["nodes"]]
 
     # -- sites -------------------------------------------------------------------------------------------
-    def start_node(self, site: str, *, tls: bool = True, **node_config: Any) -> subprocess.Popen:
-        """``flower-supernode`` for ``site`` reading its own manifest; its ledger lives in ``root/state/site``."""
+    def start_node(self, site: str, *, tls: bool = True, superlink: str | None = None,
+                   **node_config: Any) -> subprocess.Popen:
+        """``flower-supernode`` for ``site`` reading its own manifest; its ledger lives in ``root/state/site``.
+        ``superlink``: the address it connects to (default: the SuperLink's own)."""
         config = {"data": f"manifest:{self.data / site / 'manifest.csv'}", "state-dir": str(self.state_dir(site)),
                   "site-name": site, "epsilon-budget": 8.0, "delta": 1e-5, **node_config}
-        cmd = [str(BIN / "flower-supernode"), "--superlink", self.address,
+        cmd = [str(BIN / "flower-supernode"), "--superlink", superlink or self.address,
                "--port", str(free_port()), "--max-retries", "1000",
                "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())]
         # Flower itself refuses an authentication key without TLS, so a plaintext node comes without one.
@@ -155,6 +196,12 @@ class LocalDeployment:
         for site in list(self.nodes):
             _kill_group(self.nodes.pop(site), signal.SIGTERM)
         _kill_group(self.superlink, signal.SIGTERM)
+        _kill_group(self.proxy, signal.SIGTERM)
+
+
+def _accepts(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
 
 
 def _kill_group(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:

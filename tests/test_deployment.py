@@ -10,7 +10,9 @@ exactly one charge per round it trained, against the weights that round sent —
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import torch
 
 from fedvision.models import load_model, state_digest
 from fedvision.privacy import PrivacyLedger
-from deployment import REPO, LocalDeployment, read_run, wait_for
+from deployment import FEDERATION, REPO, LocalDeployment, read_run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -229,3 +231,64 @@ def test_deployed_sites_ignore_the_simulation_only_attack_hook(deploy, tmp_path)
         assert sorted(r["accepted"]) == sites and r["aggregated"]
     final = load_model(run_dir / "global_model.pt")
     assert all(torch.isfinite(p).all() for p in final.state_dict().values())
+
+
+def _outside_address() -> str | None:
+    """This machine's address on its default route (not loopback), if it has one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # UDP: picks the route, sends nothing
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture
+def nginx():
+    if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
+        if os.environ.get("FEDVISION_REQUIRE_NGINX") == "1":
+            pytest.fail("nginx is required here (FEDVISION_REQUIRE_NGINX=1) but not installed")
+        pytest.skip("nginx is not installed (.ci/run installs it)")
+
+
+def test_sites_reach_only_the_fleet_api_through_the_documented_proxy(deploy, tmp_path, nginx):
+    """docs/deployment.md's nginx server block, used verbatim in front of a SuperLink bound to loopback: the sites
+    train through it, and with what a site holds (ca.crt, the proxy's address) registering a key, listing runs
+    or launching a run is refused."""
+    d = deploy(sites=3)
+    proxy = d.start_proxy()
+    outside = _outside_address()
+    if outside is not None:  # the SuperLink itself answers on loopback only
+        with socket.socket() as s:
+            assert s.connect_ex((outside, d.port)) != 0, f"the SuperLink answers on {outside}"
+
+    attempts = {"register a key": ["supernode", "register", str(d.certs / "site-3.pub"), FEDERATION],
+                "list nodes": ["supernode", "list", FEDERATION],
+                "list runs": ["ls", FEDERATION],
+                "launch a run": ["run", str(REPO), FEDERATION, "--run-config", str(d.run_config(tmp_path / "rogue"))]}
+    for what, args in attempts.items():
+        result = d.site_cli(proxy, *args)
+        assert result.returncode != 0 and "403 Forbidden" in result.stdout + result.stderr, \
+            f"a site could {what}: {result.stdout[-1500:]}{result.stderr[-1500:]}"
+    assert not (tmp_path / "rogue" / "run.json").exists()
+
+    sites = ["site-1", "site-2"]
+    for site in sites:
+        d.register(site)  # the coordinator's operators, on the coordinator itself
+        d.start_node(site, superlink=proxy)
+    wait_for(lambda: d.node_status().count("online") == 2, 90, "2 SuperNodes online through the proxy")
+    assert len(d.node_status()) == 2, "a key registered through the proxy"
+    run_dir = tmp_path / "run"
+    # A model whose arrays exceed nginx's default body limit (1 MB): updates must pass the proxy whole.
+    _finish(d, d.flwr_run(d.run_config(run_dir, **{"num-server-rounds": 1, "model": "resnet10t"})))
+    record = _check_lineage_and_ledgers(d, run_dir, sites)
+    assert record["status"] == "completed" and sorted(record["rounds"][0]["accepted"]) == sites
+
+    # The sites' traffic went through the proxy, and every Control call there was refused.
+    requests = [line.split('"')[1].split()[1:2] + [line.split('"')[2].split()[0]] for line in
+                d.proxy_log().splitlines()]
+    assert any(path.startswith("/v1/fleet/pull-messages") and status == "200" for path, status in requests)
+    assert any(path.startswith("/v1/fleet/push-messages") and status == "200" for path, status in requests)
+    control = [(path, status) for path, status in requests if not path.startswith("/v1/fleet/")]
+    assert control and all(status == "403" for _, status in control), control
