@@ -109,7 +109,8 @@ class LocalDeployment:
         block = re.search(r"```nginx\n(.*?)```", docs, re.S).group(1)
         port, prefix = free_port(), self.root / "nginx"
         for old, new in (("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
-                         ("/etc/fedvision/certs/", f"{self.certs}/"), ("https://127.0.0.1:8000", f"https://{self.address}")):
+                         ("/etc/fedvision/certs/", f"{self.certs}/"),
+                         ("https://127.0.0.1:8000", f"https://{self.address}")):
             assert old in block, f"docs/deployment.md's nginx block no longer has {old!r}"
             block = block.replace(old, new)
         temp = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
