@@ -95,3 +95,20 @@ def test_proximal_term_pulls_towards_the_global_model():
                                                seed=0, device="cpu"), global_params=anchor)
         distances.append(sum(float((p - anchor[k]).norm() ** 2) for k, p in model.state_dict().items()))
     assert distances[1] < 0.7 * distances[0]
+
+
+def test_secret_randomness_draws_secure_mode_noise_and_seeded_does_not():
+    """Secure-mode noise (a sum of four Gaussians, against floating-point attacks) is on whenever the randomness is
+    secret; only the test-only seeded randomness, which is not private anyway, turns it off. The Poisson sampler
+    draws from the secret sampling generator, never from the loader's own."""
+    from fedvision import dp
+
+    data = torch.utils.data.TensorDataset(torch.rand(32, 3, 8, 8), torch.zeros(32, dtype=torch.long))
+    for randomness, secure in ((dp.PrivateRandomness.secret(), True), (dp.PrivateRandomness.seeded(0), False)):
+        model = create_model("fedvision_cnn", 2, img_size=8)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        clipper, dp_optimizer, loader, q = dp.make_private(
+            model, optimizer, torch.utils.data.DataLoader(data, batch_size=8), 1.0, 1.0, randomness)
+        assert dp_optimizer.secure_mode is secure and dp_optimizer.generator is randomness.noise
+        assert loader.batch_sampler.generator is randomness.sampling and q == 0.25
+        dp.release(clipper)
