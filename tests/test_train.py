@@ -15,7 +15,7 @@ DELTA = 1e-5
 
 
 @pytest.mark.slow
-def test_central_dp_on_digits_reaches_93_percent_at_epsilon_8(digits, tmp_path):
+def test_central_dp_on_digits_reaches_90_percent_at_epsilon_8(digits, tmp_path):
     train, test = digits
     torch.manual_seed(0)
     model = create_model("fedvision_cnn", 10, in_chans=1, img_size=8)
@@ -26,7 +26,9 @@ def test_central_dp_on_digits_reaches_93_percent_at_epsilon_8(digits, tmp_path):
     accuracy = evaluate(model, test).accuracy
     print(f"central DP digits: accuracy {accuracy:.3f} at ε={result.epsilon:.2f}, σ={result.noise_multiplier:.3f}")
     assert result.epsilon <= 8.0 and ledger.epsilon(DELTA) == pytest.approx(result.epsilon)
-    assert accuracy >= 0.93
+    # The noise is fresh and secret, so the accuracy varies from run to run: 0.927–0.971 over twelve runs (mean
+    # 0.947, sd 0.014; CI once scored 0.929). The floor sits 3.3 sd below the mean; chance is 0.1.
+    assert accuracy >= 0.90
 
 
 def test_nonprivate_on_digits_reaches_97_percent(digits):
