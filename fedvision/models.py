@@ -69,7 +69,7 @@ def _timm():
     return timm
 
 
-def _timm_class(module: str, name: str) -> type | tuple:
+def loaded_timm_class(module: str, name: str) -> type | tuple:
     """A timm class when timm is loaded, else ``()`` (which ``isinstance`` never matches): a model built
     without importing timm contains no timm layer."""
     loaded = sys.modules.get(module)
@@ -312,7 +312,7 @@ class _GroupNormAct(nn.GroupNorm):
 
 
 def _replace_batchnorm(module: nn.Module) -> None:
-    batchnorm_act = _timm_class("timm.layers", "BatchNormAct2d")
+    batchnorm_act = loaded_timm_class("timm.layers", "BatchNormAct2d")
     for name, child in module.named_children():
         if isinstance(child, batchnorm_act):
             gn = _GroupNormAct(child)

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fedvision.errors import ModelError
+from fedvision.models import loaded_timm_class
 
 
 class _Record:
@@ -38,15 +39,6 @@ class _Record:
 
     def __init__(self, args, kwargs, output):
         self.args, self.kwargs, self.output, self.grad = args, kwargs, output, None
-
-
-def _timm_layernorm_kinds() -> tuple[type, type]:
-    import sys
-
-    norm = sys.modules.get("timm.layers.norm")
-    if norm is None:
-        return (), ()
-    return (getattr(norm, "LayerNorm", ()),), (getattr(norm, "LayerNorm2d", ()),)
 
 
 class PerSampleClipper:
@@ -64,12 +56,13 @@ class PerSampleClipper:
         self.model = model
         self._recording = False
         self._records: dict[nn.Module, list[_Record]] = {}
-        self._layers: list[tuple[nn.Module, list[tuple[str, nn.Parameter]]]] = []
+        # (layer, its own trainable parameters, which closed form computes its per-sample gradients)
+        self._layers: list[tuple[nn.Module, list[tuple[str, nn.Parameter]], str | None]] = []
         self._handles = []
         for module in model.modules():
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if own:
-                self._layers.append((module, own))
+                self._layers.append((module, own, _closed_form(module)))
                 self._handles.append(module.register_forward_hook(self._save, with_kwargs=True))
 
     # -- recording ------------------------------------------------------------------------------------------
@@ -126,16 +119,16 @@ class PerSampleClipper:
         """Sum of squared per-sample norms over layers, and per layer a function of the clip factors that writes
         the clipped gradient sum into ``.grad``."""
         B = self._batch
-        dtype = next((p.dtype for _, own in self._layers for _, p in own), torch.float32)
+        dtype = next((p.dtype for _, own, _ in self._layers for _, p in own), torch.float32)
         squared = torch.zeros(B, dtype=dtype, device=self._device)
         finish = []
-        for module, own in self._layers:
+        for module, own, kind in self._layers:
             records = [r for r in self._records.get(module, []) if r.grad is not None]
             if not records or B == 0:
                 finish.append(_zero_grads(own))
                 continue
             try:
-                layer_squared, done = _layer(module, own, records, B)
+                layer_squared, done = _layer(module, kind, own, records, B)
             except ModelError:
                 raise
             except Exception as e:  # a layer the closed forms or torch.func cannot handle: one line, named
@@ -171,11 +164,10 @@ def _fold(t: torch.Tensor, B: int) -> torch.Tensor:
     return t if k == 1 else t.reshape(B, k, *t.shape[1:]).sum(1)
 
 
-def _layer(module, own, records, B):
+def _layer(module, kind, own, records, B):
     """(per-sample squared norm of ``module``'s own parameters, function of the clip factors writing .grad)."""
     single = len(records) == 1
     rec = records[0]
-    kind = _closed_form(module)
     if single and kind == "linear":
         return _linear(module, rec.args[0], rec.grad, B)
     if single and kind == "conv":
@@ -190,18 +182,14 @@ def _layer(module, own, records, B):
 
 
 def _closed_form(module) -> str | None:
-    plain_ln, ln2d = _timm_layernorm_kinds()
-    if type(module) is nn.Linear:
-        return "linear"
-    if (type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
-        return "conv"
-    if type(module) is nn.GroupNorm:
-        return "groupnorm"
-    if type(module) is nn.LayerNorm or (plain_ln and type(module) in plain_ln):
-        return "layernorm"
-    if ln2d and type(module) in ln2d:
-        return "layernorm2d"
-    return None
+    """The closed form for ``module``'s per-sample gradients, or None (torch.func). Exact types only: a subclass
+    may change what forward computes."""
+    if type(module) is nn.Conv2d:
+        return "conv" if module.padding_mode == "zeros" and not isinstance(module.padding, str) else None
+    kinds = {nn.Linear: "linear", nn.GroupNorm: "groupnorm", nn.LayerNorm: "layernorm",
+             loaded_timm_class("timm.layers.norm", "LayerNorm"): "layernorm",
+             loaded_timm_class("timm.layers.norm", "LayerNorm2d"): "layernorm2d"}
+    return kinds.get(type(module))
 
 
 def _from_explicit(own, per_sample):
@@ -256,6 +244,10 @@ def _conv_per_sample(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tor
     return w.reshape(rows, *module.weight.shape)
 
 
+def _conv_bias_per_row(g: torch.Tensor) -> torch.Tensor:
+    return g.flatten(2).sum(2)
+
+
 def _conv(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, B: int):
     rows, cout, groups = a.shape[0], module.out_channels, module.groups
     go = g.reshape(rows, cout, -1)  # (rows, p, T)
@@ -270,7 +262,7 @@ def _conv(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, B: int):
     else:
         per_sample = _fold(_conv_per_sample(module, a, g), B)
         weight_sq = per_sample.pow(2).sum((1, 2, 3, 4))
-    bias_sample = _fold(go.sum(2), B) if bias else None
+    bias_sample = _fold(_conv_bias_per_row(g), B) if bias else None
     squared = weight_sq + (bias_sample.pow(2).sum(1) if bias else 0)
 
     def done(scale):
@@ -299,7 +291,7 @@ def _explicit(module, kind, own, record) -> dict[str, torch.Tensor]:
     if kind == "conv":
         out = {"weight": _conv_per_sample(module, a, g)}
         if module.bias is not None:
-            out["bias"] = g.sum((2, 3))
+            out["bias"] = _conv_bias_per_row(g)
         return _only(out, own)
     if kind in ("groupnorm", "layernorm", "layernorm2d"):
         if kind == "groupnorm":
