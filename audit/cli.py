@@ -22,7 +22,7 @@ from typing import Any
 
 from audit import (ATTACK_NORMS, DEFAULT_ALPHA, DEFAULT_ATTACKS, DEFAULT_CERTIFY, DEFAULT_EPS, DEFAULT_FIRST_LOOK,
                    DEFAULT_FUTILITY, DEFAULT_GROWTH, DEFAULT_N, DEFAULT_N0,
-                   DEFAULT_RADII, DEFAULT_SIGMA, DEFAULT_TOLERANCE, PAPER_ALPHA, PAPER_N, PAPER_N0)
+                   DEFAULT_RADII, DEFAULT_SIGMA, DEFAULT_TOLERANCE, PAPER_ALPHA, PAPER_N, PAPER_N0, PAPER_RADII)
 from fedvision.errors import ConfigError, DataError, FedVisionError
 
 # Sensitive attributes audited by default (without --sensitive and --run) when the data has them.
@@ -91,8 +91,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--require-certified", nargs="+", default=None, metavar="RADIUS:ACCURACY",
                    help="requirements on the smoothed classifier, e.g. 0.25:0.6 (certified accuracy ≥ 0.6 at L2 "
                         "radius 0.25); without any, the certified-robustness finding is informational")
-    g.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII),
-                   help="radii of the certified-accuracy curve (default: %(default)s)")
+    g.add_argument("--radii", type=float, nargs="+", default=None,
+                   help=f"radii of the certified-accuracy curve and the adaptive rule's targets (default: "
+                        f"{' '.join(f'{r:g}' for r in DEFAULT_RADII)}; with --paper-protocol "
+                        f"{' '.join(f'{r:g}' for r in PAPER_RADII)})")
     g.add_argument("--batch-size", type=int, default=1000, help="noisy copies per forward pass (default: 1000)")
 
     a = p.add_argument_group("attacks")
@@ -187,9 +189,10 @@ def robustness_options(args: argparse.Namespace, meta: dict[str, Any]):
         if given:
             raise ConfigError(f"--paper-protocol sets the method, n0, n and alpha; drop --{', --'.join(given)}")
         given = {"certify": "fixed", "n0": PAPER_N0, "n": PAPER_N, "alpha": PAPER_ALPHA}
+    radii = args.radii or (PAPER_RADII if args.paper_protocol else DEFAULT_RADII)
     attacks = list(ATTACK_NORMS) if "all" in args.attacks else args.attacks
     return RobustnessOptions(
-        sigma=sigma, **given, batch_size=args.batch_size, radii=args.radii, attacks=attacks,
+        sigma=sigma, **given, batch_size=args.batch_size, radii=radii, attacks=attacks,
         eps=parse_eps(args.eps) if args.eps else None, steps=args.steps, smooth_n=args.smooth_n,
         smooth_limit=_positive_or_all(args.smooth_limit, "--smooth-limit"),
         limit=_positive_or_all(args.limit, "--limit"), seed=args.seed, progress=args.progress,

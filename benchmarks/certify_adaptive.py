@@ -14,7 +14,8 @@ Printed for each model, each with its parameters:
    (default 10,000), same seed and images, and the differences at r = 0.25 and 0.5 (goal: within 0.02, with a
    mean of at most 2,000 samples per image);
 3. with ``--large-n N`` (default 100,000; 0 skips it), on ``--large-images`` images (default 30): adaptive with
-   n ≤ N against Cohen's fixed n = N, whose cost is exactly n0 + N samples per image (goal: ≥ 3× fewer);
+   n ≤ N and the paper's radii (0 to 1.0, ``audit.PAPER_RADII``) against Cohen's fixed n = N, whose cost is
+   exactly n0 + N samples per image (goal: ≥ 3× fewer);
    ``--large-fixed`` also runs that fixed-n CERTIFY (slow on CPU) to compare curves.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/certify_adaptive.py --threads 1 --skip-throughput
@@ -146,7 +147,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from audit import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII, DEFAULT_TOLERANCE
+    from audit import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_RADII, DEFAULT_TOLERANCE, PAPER_RADII
     from fedvision.io import default_device
 
     summary = []
@@ -173,7 +174,7 @@ def main() -> None:
             print(f"{title}: large n on {images} images:")
             runs = [(f"adaptive, n ≤ {args.large_n:,}", "adaptive", args.large_n)] + \
                 ([(f"fixed n = {args.large_n:,} (Cohen)", "fixed", args.large_n)] if args.large_fixed else [])
-            result = compare(model, dataset, sigma, images, runs, args.batch_size, DEFAULT_RADII)
+            result = compare(model, dataset, sigma, images, runs, args.batch_size, PAPER_RADII)
             mean = result[runs[0][0]]["samples"]["mean"]
             line = (f"{title}: Cohen's fixed n = {args.large_n:,} spends exactly {DEFAULT_N0 + args.large_n:,} samples "
                     f"per image, {(DEFAULT_N0 + args.large_n) / mean:.1f}× the adaptive mean of {mean:,.0f} "

@@ -466,6 +466,7 @@ def test_cli_paper_protocol_and_default_sigma(plain_model):
     options = robustness_options(args, {"num_classes": 10})
     assert (options.certify, options.n0, options.n, options.alpha, options.sigma) == ("fixed", 100, 100_000, 0.001,
                                                                                        0.25)
+    assert options.radii == (0.0, 0.25, 0.5, 0.75, 1.0)  # the paper's curve, not the default's
     assert options.attacks == ("fgsm", "pgd", "pgd-l2", "deepfool") and options.limit == 500
     args = parser.parse_args(["audit", "--model", "m.pt", "--data", "d", "--out", "o", "--limit", "0",
                               "--attacks", "all"])
@@ -474,6 +475,7 @@ def test_cli_paper_protocol_and_default_sigma(plain_model):
     from audit import DEFAULT_N
 
     assert (options.certify, options.n) == ("adaptive", DEFAULT_N) and options.require_certified is None
+    assert options.radii == (0.0, 0.25, 0.5)
     args = parser.parse_args(["audit", "--model", "m.pt", "--data", "d", "--out", "o", "--certify", "fixed", "--n",
                               "500", "--require-certified", "0.25:0.6", "0.3:0.5", "--radii", "0", "0.5"])
     options = robustness_options(args, {})

@@ -212,3 +212,7 @@ def test_quick_demo_trains_three_dp_sites_and_audits_the_global_model(tmp_path):
     performance = full["performance"]
     assert performance["accuracy"] > performance["majority_class_rate"] + 0.02, performance
     assert str(report / "report.html") in proc.stdout and (report / "report.html").is_file()
+    # The default curve stops at r = 0.5, below what n ≤ 10,000 can certify: the page says so
+    certification = full["robustness"]["certification"]
+    assert max(map(float, certification["certified_accuracy"])) < certification["max_certifiable_radius"]
+    assert "larger radii were not measured" in (report / "report.html").read_text()
