@@ -21,10 +21,13 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# demo-output holds only what the last demo wrote (fedvision demo refuses to write over a run): start afresh.
 demo: install
+	rm -rf demo-output
 	$(VENV)/bin/fedvision demo --out demo-output
 
 demo-quick: install
+	rm -rf demo-output
 	$(VENV)/bin/fedvision demo --quick --out demo-output
 
 bench: install
