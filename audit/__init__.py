@@ -25,18 +25,10 @@ PAPER_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Clopper–Pearson bound is at α / 8 (Bonferroni over the 8 looks), so each certificate holds with probability
 # ≥ 1 − α whenever sampling stops. An image stops at a look when even at p_A's 95% upper bound (futility 0.05)
 # the radius 10,000 samples could reach is below the next reported radius, or within 0.01 of the radius certified
-# so far. The default curve stops at r = 0.5 (2σ at σ = 0.25), the radii a compliance reader needs and the ones
-# a CPU audit can pin down: an image that certifies 0.5 stops there (about 400 samples when every sample agrees),
-# while certifying r = 0.75 takes about 6,700 samples even where every sample agrees, so a default that reported
-# it would make every certain image pay for it (n ≤ 10,000 with radii up to 1.0: about 3,100 samples per image on
-# a noise-trained digits model). Measured on 100 images (benchmarks/certify_adaptive.py, docs/audit.md): within
-# 0.01 of fixed n = 10,000 at r = 0.25 and 0.5, at 1,100 (the demo's model) to 1,550 (digits) samples per image.
-# The maximum n = 10,000 caps the certifiable radius at σ·Φ⁻¹((α/8)^(1/n)) ≈ 3.12σ (0.78 at σ = 0.25); reported as
-# such. A larger radius needs --radii (and a larger --n above the cap); the samples go only to the images that can
-# use them.
-# A two-stage rule (n chosen from the n0 pilot, then fresh samples at the full α; Chen et al., AAAI 2022) was
-# measured too and lost 0.07 at r = 0.5 for the same cost: 100 pilot samples cannot tell p_A = 0.98 from 0.995,
-# which decides whether an image needs 500 samples or 10,000.
+# so far. The default curve stops at r = 0.5 (2σ at σ = 0.25): an image whose samples all agree certifies it after
+# about 400 samples, while r = 0.75 would cost every such image about 6,700. The maximum n = 10,000 caps the
+# certifiable radius at σ·Φ⁻¹((α/8)^(1/n)) ≈ 3.12σ (0.78 at σ = 0.25); larger radii need --radii (and --n above
+# the cap). Measurements, and the rules tried and dropped: docs/audit.md ("Why the default curve stops at r = 0.5").
 DEFAULT_CERTIFY = "adaptive"
 DEFAULT_N0, DEFAULT_N, DEFAULT_ALPHA = 100, 10_000, 0.001
 # The adaptive schedule: first look, growth between looks, the level at which "more samples cannot change it" is
