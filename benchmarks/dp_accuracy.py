@@ -62,9 +62,10 @@ def pooled(run: RunConfig) -> float:
     train, test = load_for_run(run, run.dataset, "train"), load_for_run(run, run.test_dataset, "test")
     cfg = TrainConfig(epochs=run.num_server_rounds * run.local_epochs, batch_size=run.batch_size, lr=run.lr,
                       momentum=run.momentum, seed=run.seed, noise_std=run.noise_std)
-    # A large DP learning rate diverges without clipping and noise: the best of a few plain ones.
+    # A large DP learning rate overshoots without clipping and noise: the best of a grid of plain ones, chosen
+    # on the test split (which flatters the ceiling, so the gap to DP is not understated).
     best = 0.0
-    for lr in (run.lr, 0.1, 0.03):
+    for lr in (run.lr, 0.1, 0.03, 0.01, 0.003):
         model = _initial(run, len(test.classes))
         train_nonprivate(model, train.dataset, dataclasses.replace(cfg, lr=lr))
         best = max(best, evaluate(model, test.dataset).accuracy)
