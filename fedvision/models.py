@@ -297,10 +297,14 @@ class ScatterNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(side)
         self.head = nn.Linear(channels * side * side, num_classes)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input: normalised, pooled scattering coefficients, (B, channels × side²)."""
+        scattered = self.scattering(x.contiguous())  # kymatio refuses strided views: (B, C, per_channel, H', W')
+        scattered = scattered.reshape(x.shape[0], -1, *scattered.shape[-2:])
+        return self.pool(self.norm(scattered)).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.scattering(x.contiguous())  # kymatio refuses strided views: (B, C, per_channel, H/2^J, W/2^J)
-        features = features.reshape(x.shape[0], -1, *features.shape[-2:])
-        return self.head(self.pool(self.norm(features)).flatten(1))
+        return self.head(self.features(x))
 
 
 @register_model
