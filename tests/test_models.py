@@ -128,10 +128,10 @@ def test_scatternet_features_carry_little_that_every_image_shares():
     """DP noise is isotropic: along a feature direction every image shares, it moves all logits together and
     swings the decision threshold (the demo's plateau with groups of 9 channels: 96 % of the features' energy
     in their mean). Per-channel normalisation keeps that share small on the demo's images."""
-    from fedvision.data.synthetic import generate_synthetic_derm
+    from fedvision.data import load_dataset
 
-    images = generate_synthetic_derm(seed=0, sites=3, per_site=40, test_size=10).train.images
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
+    data = load_dataset("synthetic-derm:0", image_size=32, channels=3, split="train").dataset
+    x = torch.stack([data[i][0] for i in range(0, len(data), 15)])  # 120 images across the three sites
     model = create_model("fedvision_scatternet", 2, in_chans=3, img_size=32)
     with torch.no_grad():
         features = model.features(x)
