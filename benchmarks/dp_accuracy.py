@@ -6,8 +6,9 @@ Each column runs the recipe's federation in process, through the same code a sim
 (``fedvision.site.Site.train``: Poisson sampling, clipping, fresh secret noise, the ledger) and plain
 example-weighted FedAvg, then evaluates the global model on the recipe's held-out test split. Two non-private
 references: the same federation with DP off, and the same architecture trained on the pooled training data
-for as many epochs (the issue's "non-private ceiling"). Accuracy carries a 95 % Wilson interval; DP noise is
-fresh every run, so repeat with --repeats to see the spread.
+for as many epochs (the issue's "non-private ceiling": the best of five learning rates, averaged over seeds).
+Accuracy carries a 95 % Wilson interval; DP noise is fresh every run, so repeat with --repeats to see the
+spread.
 """
 
 from __future__ import annotations
@@ -57,19 +58,30 @@ def _initial(run: RunConfig, num_classes: int) -> torch.nn.Module:
     return create_model(run.model, num_classes, in_chans=run.channels, img_size=run.image_size, dp=True)
 
 
-def pooled(run: RunConfig) -> float:
-    """The same architecture trained without DP on all sites' training data pooled, as many epochs in total."""
+def pooled(run: RunConfig, seeds: int = 3) -> tuple[float, float, float, float]:
+    """The same architecture trained without DP on all sites' training data pooled, as many epochs in total:
+    (best lr, its mean accuracy over ``seeds`` seeds, lowest, highest).
+
+    A large DP learning rate overshoots without clipping and noise, so a grid of plain ones is tried with seed 0
+    and the two best are rerun with more seeds (initialisation, shuffling and noise augmentation). The best lr
+    is chosen on the test split, which flatters the ceiling; averaging over seeds removes the other flattery,
+    taking the luckiest of five single runs (on the demo one seed's run varies by ±1.2 points).
+    """
     train, test = load_for_run(run, run.dataset, "train"), load_for_run(run, run.test_dataset, "test")
-    cfg = TrainConfig(epochs=run.num_server_rounds * run.local_epochs, batch_size=run.batch_size, lr=run.lr,
-                      momentum=run.momentum, seed=run.seed, noise_std=run.noise_std)
-    # A large DP learning rate overshoots without clipping and noise: the best of a grid of plain ones, chosen
-    # on the test split (which flatters the ceiling, so the gap to DP is not understated).
-    best = 0.0
-    for lr in (run.lr, 0.1, 0.03, 0.01, 0.003):
-        model = _initial(run, len(test.classes))
-        train_nonprivate(model, train.dataset, dataclasses.replace(cfg, lr=lr))
-        best = max(best, evaluate(model, test.dataset).accuracy)
-    return best
+
+    def accuracy(lr: float, seed: int) -> float:
+        seeded = dataclasses.replace(run, seed=seed)
+        cfg = TrainConfig(epochs=run.num_server_rounds * run.local_epochs, batch_size=run.batch_size, lr=lr,
+                          momentum=run.momentum, seed=seed, noise_std=run.noise_std)
+        model = _initial(seeded, len(test.classes))
+        train_nonprivate(model, train.dataset, cfg)
+        return evaluate(model, test.dataset).accuracy
+
+    runs = {lr: [accuracy(lr, 0)] for lr in (run.lr, 0.1, 0.03, 0.01, 0.003)}
+    for lr in sorted(runs, key=lambda v: runs[v][0])[-2:]:
+        runs[lr] += [accuracy(lr, seed) for seed in range(1, seeds)]
+    lr = max(runs, key=lambda v: sum(runs[v]) / len(runs[v]))
+    return lr, sum(runs[lr]) / len(runs[lr]), min(runs[lr]), max(runs[lr])
 
 
 def main() -> None:
@@ -81,6 +93,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-pooled", action="store_true", help="skip the pooled non-private reference")
+    p.add_argument("--ceiling-seeds", type=int, default=3, help="seeds for the pooled reference's two best lrs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = dict(RECIPES[args.recipe])
@@ -103,7 +116,9 @@ def main() -> None:
     if not args.no_pooled:
         run = RunConfig.from_mapping({**app_defaults(), **overrides, "dp": False})
         start = time.perf_counter()
-        print(f"| pooled, non-private | {pooled(run):.3f} | {time.perf_counter() - start:.0f} |")
+        lr, mean, lo, hi = pooled(run, args.ceiling_seeds)
+        print(f"| pooled, non-private (lr {lr:g}, mean of {args.ceiling_seeds} seeds) | {mean:.3f} (seeds "
+              f"{lo:.3f}–{hi:.3f}) | {time.perf_counter() - start:.0f} |")
 
 
 if __name__ == "__main__":

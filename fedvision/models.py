@@ -260,11 +260,11 @@ class ScatterNet(nn.Module):
       paper, 96 % of the features' energy was one vector shared by every image: the isotropic DP noise then
       moved every logit together, the decision threshold swung from round to round (central accuracy fell
       back to the majority class's 0.53 in some rounds) and the demo plateaued at 0.70–0.72. Per channel,
-      the shared part is 22 %, and the demo reaches 0.76–0.78.
+      the shared part is 22 %, and the demo reaches 0.755–0.783.
     * The normalised features are average-pooled to a ``grid`` × ``grid`` map (4 × 4: 16× fewer head
       weights on the demo's 16 × 16 maps, so a noise norm 4× smaller). With per-image groups of 9 channels
-      pooling lost the signal; per channel it does not (non-private ceiling 0.805, against 0.785 unpooled
-      with groups of 9). README, "Private training that learns", has the runs.
+      pooling lost the signal; per channel it does not (non-private ceiling 0.797 over three seeds, against
+      0.785 unpooled with groups of 9). README, "Private training that learns", has the runs.
 
     One scale by default (the paper uses two on CIFAR-10): on the demo's 32×32 images it scored as well as two
     (ε = 8, one scale vs two: quick demo 0.68–0.70 in three runs vs 0.68 in one, full demo 0.745 and 0.757 vs

@@ -203,7 +203,9 @@ class SitePolicy:
     evaluation_epsilon: float = 1.0  # what one run may add to the evaluation records' ε
     exact_evaluation: bool = False  # release exact evaluation counts (not private; the report names it)
     min_noise_multiplier: float = 0.0
-    max_grad_norm: float | None = None  # a ceiling on the run's clipping bound
+    # A ceiling on the run's clipping bound C. Not a privacy parameter (the noise is σ·C, so ε does not depend
+    # on C); it bounds how far one record can move a step, a utility and robustness limit the site sets.
+    max_grad_norm: float | None = None
     simulated: bool = False
 
     def refusal(self, run: Any) -> str | None:
