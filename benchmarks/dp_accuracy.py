@@ -64,8 +64,8 @@ def pooled(run: RunConfig, seeds: int = 3) -> tuple[float, float, float, float]:
 
     A large DP learning rate overshoots without clipping and noise, so a grid of plain ones is tried with seed 0
     and the two best are rerun with more seeds (initialisation, shuffling and noise augmentation). The best lr
-    is chosen on the test split, which flatters the ceiling; averaging over seeds removes the other flattery,
-    taking the luckiest of five single runs (on the demo one seed's run varies by ±1.2 points).
+    is chosen on the test split, which flatters the ceiling. Averaging over seeds removes a second flattery,
+    the luckiest of five single runs: on the demo, one lr's runs vary by ±1.2 points from seed to seed.
     """
     train, test = load_for_run(run, run.dataset, "train"), load_for_run(run, run.test_dataset, "test")
 
