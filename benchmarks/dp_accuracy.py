@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import tempfile
 import time
 import warnings
@@ -80,8 +81,8 @@ def pooled(run: RunConfig, seeds: int = 3) -> tuple[float, float, float, float]:
     runs = {lr: [accuracy(lr, 0)] for lr in (run.lr, 0.1, 0.03, 0.01, 0.003)}
     for lr in sorted(runs, key=lambda v: runs[v][0])[-2:]:
         runs[lr] += [accuracy(lr, seed) for seed in range(1, seeds)]
-    lr = max(runs, key=lambda v: sum(runs[v]) / len(runs[v]))
-    return lr, sum(runs[lr]) / len(runs[lr]), min(runs[lr]), max(runs[lr])
+    lr = max(runs, key=lambda v: statistics.fmean(runs[v]))
+    return lr, statistics.fmean(runs[lr]), min(runs[lr]), max(runs[lr])
 
 
 def main() -> None:
